@@ -1,0 +1,422 @@
+"""Backward flash-attention kernels: delta, dk/dv and dq, without atomics.
+
+P is recomputed from the saved LSE (base 2: ``p = exp2(s2 - lse2)``); the dropout mask is
+regenerated from the same Philox coordinates as the forward. With ``O = (P * Z) V`` and
+``Z = keep / (1 - p_drop)``:
+
+    dV = (P * Z)^T dO,   dP = (dO V^T) * Z,   dS = P * (dP - delta),   delta_i = dO_i . O_i,
+
+and dS is chained through softcap (``1 - tanh^2``) and the softmax scale into dQ = dS K and
+dK = dS^T Q. One program owns one key block of one KV head and loops over the query heads of its
+GQA group, so dk/dv are reduced over the group in registers: no atomics, no extra memory, and
+every launch is bitwise deterministic. dq is a separate kernel over query blocks.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    LOG2E,
+    allowed_mask,
+    dropout_keep,
+    key_range_for_query_block,
+    query_range_for_key_block,
+    score_transform,
+    seq_bounds,
+)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA, CU_SEQLENS_Q,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    seqlen_q, num_heads, head_dim_v,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b).to(tl.int64)
+        q_len = (tl.load(CU_SEQLENS_Q + b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        q_len = tl.zeros([], dtype=tl.int32) + seqlen_q
+    if start_m >= q_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (q_start + offs_m).to(tl.int64)
+    mask = (offs_m[:, None] < q_len) & (offs_dv[None, :] < head_dim_v)
+    b64 = b.to(tl.int64)
+    o = tl.load(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows * stride_lm, tl.sum(o * do, axis=1),
+             mask=offs_m < q_len)
+
+
+@triton.jit
+def _load_lse2(lse_ptrs, mask):
+    """Saved natural-log LSE -> base 2; rows with no visible key (-inf) become +inf so p = 0."""
+    lse2 = tl.load(lse_ptrs, mask=mask, other=float("-inf")) * LOG2E
+    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, key_ok,
+    q_base, do_base, lse_base, delta_base,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+    offs_n, offs_d, offs_dv, head_dim, head_dim_v,
+    q_len, k_len, sm_scale, softcap, slope, window_left, window_right,
+    seed, rng_offset, bh, dropout_p,
+    start, end,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in tl.range(start, end, BLOCK_M):
+        offs_m = start_m + offs_m0
+        rows = offs_m.to(tl.int64)
+        row_ok = offs_m < q_len
+        lse2 = _load_lse2(lse_base + rows * stride_lm, row_ok)  # [BLOCK_M]
+        if HAS_QUERY_MASK:
+            live = tl.min(lse2, axis=0) != float("inf")  # skip blocks of padded queries only
+        else:
+            live = True
+        if live:
+            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            delta = tl.load(delta_base + rows * stride_lm, mask=row_ok, other=0.0)
+            # [BLOCK_M, BLOCK_N] scores, probabilities recomputed from the LSE
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                    HAS_SOFTCAP, HAS_ALIBI)
+            if MASKED:
+                ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                s2 = tl.where(ok & row_ok[:, None], s2, float("-inf"))
+            if HAS_KEY_MASK:
+                s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+            p = tl.exp2(s2 - lse2[:, None])
+            # dP = dO V^T  [BLOCK_M, BLOCK_N]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                pd = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                pd = p
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    KEY_MASK, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh, stride_lm,
+    stride_kmb, stride_kmn, stride_ab, stride_ah,
+    seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
+    sm_scale, softcap, window_left, window_right, dropout_p,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    num_kv_heads = num_heads // kv_group
+    bhk = tl.program_id(1)
+    b = bhk // num_kv_heads
+    h_kv = bhk % num_kv_heads
+    q_start, q_len, k_start, k_len, k_rows = seq_bounds(
+        b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
+    if start_n >= k_rows:
+        return
+    b64 = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    krows = (k_start + offs_n).to(tl.int64)
+    n_ok = offs_n < k_len
+
+    # K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] stay in registers for the whole program.
+    k = tl.load(K + b64 * stride_kb + h_kv * stride_kh + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    v = tl.load(V + b64 * stride_vb + h_kv * stride_vh + krows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    if HAS_KEY_MASK:
+        km = tl.load(KEY_MASK + b64 * stride_kmb + offs_n * stride_kmn, mask=n_ok, other=0)
+        key_ok = km != 0
+        live = tl.max(key_ok.to(tl.int32), axis=0) > 0
+    else:
+        key_ok = n_ok
+        live = True
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+
+    lo, mid_lo, mid_hi, hi = query_range_for_key_block(
+        start_n, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if live:
+        for g in range(0, kv_group):
+            h = h_kv * kv_group + g
+            bh = b * num_heads + h
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(ALIBI + b64 * stride_ab + h * stride_ah).to(tl.float32)
+            q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+            do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
+            lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+            delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+                window_left, window_right, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+                True, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+                HAS_QUERY_MASK, HAS_DROPOUT, DOT_PRECISION)
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+                window_left, window_right, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+                False, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+                HAS_QUERY_MASK, HAS_DROPOUT, DOT_PRECISION)
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+                window_left, window_right, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+                True, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+                HAS_QUERY_MASK, HAS_DROPOUT, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    store_ok = offs_n < k_rows
+    tl.store(DK + b64 * stride_dkb + h_kv * stride_dkh + krows[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=store_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(DV + b64 * stride_dvb + h_kv * stride_dvh + krows[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=store_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+    offs_m, offs_d, offs_dv, head_dim, head_dim_v,
+    q_len, k_len, sm_scale, softcap, slope, window_left, window_right,
+    seed, rng_offset, bh, dropout_p,
+    start, end,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if HAS_KEY_MASK:
+            km = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0)
+            key_ok = km != 0
+            live = tl.max(key_ok.to(tl.int32), axis=0) > 0
+        else:
+            live = True
+        if live:
+            n_ok = offs_n < k_len
+            rows = offs_n.to(tl.int64)
+            # K [BLOCK_N, BLOCK_D], V [BLOCK_N, BLOCK_DV]
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                    HAS_SOFTCAP, HAS_ALIBI)
+            if MASKED:
+                ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                s2 = tl.where(ok, s2, float("-inf"))
+            if HAS_KEY_MASK:
+                s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+            p = tl.exp2(s2 - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    KEY_MASK, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh, stride_lm,
+    stride_kmb, stride_kmn, stride_ab, stride_ah,
+    seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
+    sm_scale, softcap, window_left, window_right, dropout_p,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    h_kv = h // kv_group
+    q_start, q_len, k_start, k_len, _ = seq_bounds(
+        b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (q_start + offs_m).to(tl.int64)
+    row_ok = offs_m < q_len
+    dq_ptrs = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+
+    lse2 = _load_lse2(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + rows * stride_lm, row_ok)
+    if HAS_QUERY_MASK:
+        if tl.min(lse2, axis=0) == float("inf"):  # padded query rows only: gradient 0
+            tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=dq_mask)
+            return
+
+    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=dq_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    delta = tl.load(DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + rows * stride_lm, mask=row_ok, other=0.0)
+
+    k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start * stride_vn
+    key_mask_base = KEY_MASK + b64 * stride_kmb
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b64 * stride_ab + h * stride_ah).to(tl.float32)
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = key_range_for_query_block(
+        start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+        offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+        window_left, window_right, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+        offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+        False, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+        offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, seqused_k,
+              cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q: int, max_seqlen_k: int,
+              num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
+              dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None) -> None:
+    """Launch delta, dk/dv and dq kernels. Writes ``delta``, ``dq``, ``dk``, ``dv``; allocates nothing.
+
+    Same 4-D view convention as ``forward.flash_fwd``; ``delta`` has the layout of ``lse``.
+    ``query_mask`` is only used as a flag: padded query rows carry LSE = -inf from the forward.
+    """
+    from .configs import block_dim, bwd_config
+
+    num_heads, head_dim = q.shape[1], q.shape[3]
+    num_kv_heads = k.shape[1]
+    head_dim_v = v.shape[3]
+    block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
+    cfg = dict(config) if config else bwd_config(block_d, block_dv, q.element_size())
+    dummy = lse
+    optional = (
+        key_mask if key_mask is not None else dummy,
+        seqused_k if seqused_k is not None else dummy,
+        cu_seqlens_q if cu_seqlens_q is not None else dummy,
+        cu_seqlens_k if cu_seqlens_k is not None else dummy,
+        alibi if alibi is not None else dummy,
+        rng if rng is not None else dummy,
+    )
+    km_strides = key_mask.stride() if key_mask is not None else (0, 0)
+    if alibi is None:
+        ab_strides = (0, 0)
+    elif alibi.dim() == 1:
+        ab_strides = (0, alibi.stride(0))
+    else:
+        ab_strides = (alibi.stride(0), alibi.stride(1))
+    scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
+               sm_scale, softcap, window_left, window_right, dropout_p)
+    flags = dict(
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi is not None, HAS_KEY_MASK=key_mask is not None,
+        HAS_QUERY_MASK=query_mask is not None, HAS_SEQUSED_K=seqused_k is not None,
+        IS_VARLEN=is_varlen, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    delta_block = 64
+    _bwd_delta_kernel[(triton.cdiv(max_seqlen_q, delta_block), num_seqs * num_heads)](
+        o, do, delta, optional[2], *o.stride(), *do.stride(), *delta.stride(),
+        max_seqlen_q, num_heads, head_dim_v,
+        IS_VARLEN=is_varlen, BLOCK_M=delta_block, BLOCK_DV=block_dv)
+    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), num_seqs * num_kv_heads)](
+        q, k, v, do, lse, delta, dk, dv, *optional,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *lse.stride(), *km_strides, *ab_strides, *scalars,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags)
+    _bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * num_heads)](
+        q, k, v, do, lse, delta, dq, *optional,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *lse.stride(), *km_strides, *ab_strides, *scalars,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags)

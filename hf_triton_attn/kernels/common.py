@@ -1,0 +1,162 @@
+"""Triton helpers shared by the forward, backward and dropout kernels.
+
+Everything here is `@triton.jit` device code; the host side lives in ops.py.
+
+Conventions used by every kernel:
+- Scores live in the base-2 domain: ``s2 = log2(e) * score`` so the softmax uses ``exp2``.
+- A (query i, key j) pair of sequence b is allowed when
+  ``j < Sk_b`` and ``diag_i - left <= j <= diag_i + right`` with ``diag_i = i + Sk_b - Sq_b``
+  (bottom-right alignment, as FlashAttention 2/3). ``causal`` is ``right = 0``.
+- Dropout keeps element (b, h, i, j) when ``philox(seed, j, i, b*H + h, offset) >= p``,
+  so forward, backward and the test helper regenerate the same mask from global coordinates.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def seq_bounds(
+    b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+):
+    """Start offsets (int64, rows of the packed tensors) and lengths of sequence ``b``.
+
+    Returns (q_start, q_len, k_start, k_len, k_rows): k_rows keys are stored for the sequence,
+    the first k_len of them are used (``seqused_k``); dk/dv of the rest are written as 0.
+    """
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b).to(tl.int64)
+        q_len = (tl.load(CU_SEQLENS_Q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CU_SEQLENS_K + b).to(tl.int64)
+        k_len = (tl.load(CU_SEQLENS_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+        q_len = tl.zeros([], dtype=tl.int32) + seqlen_q
+        k_len = tl.zeros([], dtype=tl.int32) + seqlen_k
+    k_rows = k_len
+    if HAS_SEQUSED_K:
+        k_len = tl.maximum(tl.minimum(k_len, tl.load(SEQUSED_K + b).to(tl.int32)), 0)
+    return q_start, q_len, k_start, k_len, k_rows
+
+
+@triton.jit
+def key_range_for_query_block(
+    start_m, q_len, k_len, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Key-block ranges for query rows [start_m, start_m + BLOCK_M).
+
+    Returns (lo, mid_lo, mid_hi, hi): keys in [lo, hi) may be visible; the blocks in
+    [mid_lo, mid_hi) are visible to every row of the block, so they need no mask
+    (the steady-state loop); [lo, mid_lo) and [mid_hi, hi) are masked edge blocks.
+    lo, mid_lo and mid_hi are multiples of BLOCK_N.
+    """
+    shift = k_len - q_len  # diag_i = i + shift
+    hi = k_len
+    full_hi = k_len
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, start_m + BLOCK_M - 1 + shift + window_right + 1)
+        full_hi = tl.minimum(full_hi, start_m + shift + window_right + 1)
+    hi = tl.maximum(hi, 0)
+    lo = tl.zeros([], dtype=tl.int32)
+    full_lo = tl.zeros([], dtype=tl.int32)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, start_m + shift - window_left)
+        full_lo = tl.maximum(full_lo, start_m + BLOCK_M - 1 + shift - window_left)
+    lo = tl.minimum((lo // BLOCK_N) * BLOCK_N, hi)
+    # [mid_lo, mid_hi): whole blocks inside every row's window and inside k_len.
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo), hi)
+    mid_hi = tl.maximum(tl.minimum((tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def query_range_for_key_block(
+    start_n, q_len, k_len, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Query-block ranges for key columns [start_n, start_n + BLOCK_N), mirror of the above.
+
+    Query i sees key j iff j - shift - right <= i <= j - shift + left (and i < q_len).
+    Returns (lo, mid_lo, mid_hi, hi) in query rows; lo, mid_lo, mid_hi multiples of BLOCK_M.
+    The unmasked middle also needs every key of the block to exist (start_n + BLOCK_N <= k_len).
+    """
+    shift = k_len - q_len
+    lo = tl.zeros([], dtype=tl.int32)
+    full_lo = tl.zeros([], dtype=tl.int32)
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, start_n - shift - window_right)
+        full_lo = tl.maximum(full_lo, start_n + BLOCK_N - 1 - shift - window_right)
+    hi = q_len
+    full_hi = q_len
+    if HAS_LEFT:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 - shift + window_left + 1)
+        full_hi = tl.minimum(full_hi, start_n - shift + window_left + 1)
+    if start_n + BLOCK_N > k_len:
+        full_hi = full_lo  # a partial key block is masked everywhere
+    hi = tl.maximum(hi, 0)
+    lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, hi)
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_M) * BLOCK_M, lo), hi)
+    mid_hi = tl.maximum(tl.minimum((tl.maximum(full_hi, 0) // BLOCK_M) * BLOCK_M, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def allowed_mask(
+    offs_m, offs_n, q_len, k_len, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] bool: key j exists and lies in query i's window."""
+    ok = offs_n[None, :] < k_len
+    diag = offs_m[:, None] + (k_len - q_len)
+    if HAS_RIGHT:
+        ok = ok & (offs_n[None, :] <= diag + window_right)
+    if HAS_LEFT:
+        ok = ok & (offs_n[None, :] >= diag - window_left)
+    return ok
+
+
+@triton.jit
+def score_transform(
+    qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+):
+    """Raw q.k dot products [BLOCK_M, BLOCK_N] -> base-2 scores (before masking).
+
+    score = softcap * tanh(sm_scale * qk / softcap)  (or sm_scale * qk), then
+    score -= slope * |i + Sk - Sq - j| (ALiBi), then * log2(e).
+    Also returns tanh (needed by the backward: d score / d qk = sm_scale * (1 - tanh^2)).
+    """
+    if HAS_SOFTCAP:
+        x = qk * (sm_scale / softcap)
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits (+-1) for large |x|, no NaN.
+        t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+        s = t * softcap
+    else:
+        t = qk
+        s = qk * sm_scale
+    if HAS_ALIBI:
+        rel = (offs_m[:, None] + (k_len - q_len) - offs_n[None, :]).to(tl.float32)
+        s = s - slope * tl.abs(rel)
+    return s * LOG2E, t
+
+
+@triton.jit
+def dropout_keep(
+    seed, rng_offset, bh, offs_m, offs_n, dropout_p,
+):
+    """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates."""
+    # Counters: c0 = key index, c1 = query index, c2 = b*H + h, c3 = per-call generator offset.
+    c0 = (offs_n[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
+    c1 = (offs_m[:, None] + 0 * offs_n[None, :]).to(tl.uint32)
+    c2 = (c0 * 0 + bh.to(tl.uint32))
+    c3 = (c0 * 0 + rng_offset.to(tl.uint32))
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.random.uint_to_uniform_float(r0) >= dropout_p

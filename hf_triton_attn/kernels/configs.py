@@ -1,0 +1,46 @@
+"""Block shapes and launch parameters for each kernel.
+
+The interpreter runs one fixed, small configuration (its cost is per program and per op, and the
+tests need several blocks per sequence). GPU configurations are chosen per head dim and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_dim(d: int) -> int:
+    """Padded head dim: a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def fwd_config(block_d: int, block_dv: int, elem_size: int) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages for the forward kernel."""
+    if INTERPRETED:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
+    if width <= 128:  # D <= 64 in 16-bit
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if width <= 256:  # D <= 128 in 16-bit, D <= 64 in fp32
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if width <= 512:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def bwd_config(block_d: int, block_dv: int, elem_size: int) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages for the dk/dv and dq kernels."""
+    if INTERPRETED:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    width = max(block_d, block_dv) * elem_size
+    if width <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+    if width <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)
+    if width <= 512:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)

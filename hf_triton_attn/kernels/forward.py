@@ -1,0 +1,242 @@
+"""Forward flash-attention kernel: fp32 online softmax in the exp2 domain.
+
+One program computes BLOCK_M query rows of one (sequence, query head). Key blocks are visited in
+three phases: masked edge blocks of the left window, the mask-free steady state, and the masked
+edge blocks of the causal diagonal / right window / sequence end, so the steady-state loop never
+evaluates a position mask. The same kernel serves dense (B, H, S, D) tensors with any strides and
+packed varlen tensors (``IS_VARLEN``: batch stride 0, row offsets from ``cu_seqlens``).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    LN2,
+    allowed_mask,
+    dropout_keep,
+    key_range_for_query_block,
+    score_transform,
+    seq_bounds,
+)
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q,
+    k_base, v_base, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+    offs_m, offs_d, offs_dv, head_dim, head_dim_v,
+    q_len, k_len, sm_scale, softcap, slope, window_left, window_right,
+    seed, rng_offset, bh, dropout_p,
+    start, end,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if HAS_KEY_MASK:
+            km = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0)
+            key_ok = km != 0
+            live = tl.max(key_ok.to(tl.int32), axis=0) > 0  # skip fully masked key blocks
+        else:
+            live = True
+        if live:
+            # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
+            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+            if MASKED:
+                kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
+            else:
+                if EVEN_D:
+                    kT = tl.load(k_ptrs)
+                else:
+                    kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+                if EVEN_DV:
+                    v = tl.load(v_ptrs)
+                else:
+                    v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+            # [BLOCK_M, BLOCK_N] raw q.k
+            qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+            s2, _ = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                    HAS_SOFTCAP, HAS_ALIBI)
+            if MASKED:
+                ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                s2 = tl.where(ok, s2, float("-inf"))
+            if HAS_KEY_MASK:
+                s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+            # Online softmax. A row with no visible key so far keeps m = -inf; m_safe = 0 then
+            # makes p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 instead of NaN.
+            m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+                p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once at the end
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    KEY_MASK, QUERY_MASK, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_kmb, stride_kmn, stride_qmb, stride_qmm, stride_ab, stride_ah,
+    seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
+    sm_scale, softcap, window_left, window_right, dropout_p,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    h_kv = h // kv_group
+    q_start, q_len, k_start, k_len, _ = seq_bounds(
+        b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
+    if start_m >= q_len:
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+
+    b64 = b.to(tl.int64)
+    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    lse_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m) * stride_lm
+
+    if HAS_QUERY_MASK:
+        qm = tl.load(QUERY_MASK + b64 * stride_qmb + offs_m * stride_qmm, mask=row_ok, other=0)
+        row_ok = row_ok & (qm != 0)
+        if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+            # Every query row of this block is padding: write zeros, skip all the work.
+            tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_DV], dtype=O.dtype.element_ty), mask=o_mask)
+            tl.store(lse_ptrs, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=offs_m < q_len)
+            return
+
+    # Q tile [BLOCK_M, BLOCK_D], loaded once.
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
+
+    k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start * stride_vn
+    key_mask_base = KEY_MASK + b64 * stride_kmb
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b64 * stride_ab + h * stride_ah).to(tl.float32)
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = key_range_for_query_block(
+        start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # phase 1: masked blocks at the left window edge
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, key_mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+        offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+        window_left, window_right, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+        True, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+    # phase 2: steady state, every position visible
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, key_mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+        offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+        False, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+    # phase 3: masked blocks at the diagonal / right window edge / sequence end
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, key_mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+        offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
+        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+        True, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+
+    # Rows with no visible key (l = 0) and padded query rows: output 0, LSE -inf.
+    empty = (l_i == 0.0) | (row_ok == 0)
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv_l = 1.0 / l_safe
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    out = tl.where(empty[:, None], 0.0, out)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k,
+              alibi, rng, max_seqlen_q: int, max_seqlen_k: int, num_seqs: int, sm_scale: float,
+              softcap: float, window_left: int, window_right: int, dropout_p: float,
+              is_varlen: bool, dot_precision: str, config: dict | None = None) -> None:
+    """Launch the forward kernel. Writes ``o`` and ``lse``; allocates nothing.
+
+    q, k, v, o are 4-D ``(B, H, S, D)`` views with any strides (varlen: batch stride 0, S = total
+    tokens); lse is ``(B, H, S)`` the same way. Optional tensors are None when absent.
+    """
+    from .configs import block_dim, fwd_config
+
+    num_heads, head_dim = q.shape[1], q.shape[3]
+    kv_group = num_heads // k.shape[1]
+    head_dim_v = v.shape[3]
+    block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
+    cfg = dict(config) if config else fwd_config(block_d, block_dv, q.element_size())
+    dummy = lse
+    km = key_mask if key_mask is not None else dummy
+    qm = query_mask if query_mask is not None else dummy
+    ab_stride = (0, alibi.stride(0)) if alibi is not None and alibi.dim() == 1 else (
+        (alibi.stride(0), alibi.stride(1)) if alibi is not None else (0, 0))
+    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * num_heads)
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        km, qm,
+        seqused_k if seqused_k is not None else dummy,
+        cu_seqlens_q if cu_seqlens_q is not None else dummy,
+        cu_seqlens_k if cu_seqlens_k is not None else dummy,
+        alibi if alibi is not None else dummy,
+        rng if rng is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
+        *(key_mask.stride() if key_mask is not None else (0, 0)),
+        *(query_mask.stride() if query_mask is not None else (0, 0)),
+        *ab_stride,
+        max_seqlen_q, max_seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
+        sm_scale, softcap, window_left, window_right, dropout_p,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi is not None, HAS_KEY_MASK=key_mask is not None,
+        HAS_QUERY_MASK=query_mask is not None, HAS_SEQUSED_K=seqused_k is not None,
+        IS_VARLEN=is_varlen, HAS_DROPOUT=dropout_p > 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, DOT_PRECISION=dot_precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )

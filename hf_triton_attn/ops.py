@@ -1,0 +1,519 @@
+"""Public functional API: ``flash_attention`` — validation, backend dispatch, autograd, custom op.
+
+Layouts (see the docstring of ``flash_attention``)::
+
+    dense   q (B, Hq, Sq, D)   k (B, Hkv, Sk, D)   v (B, Hkv, Sk, Dv)  -> out (B, Hq, Sq, Dv)
+    varlen  q (Tq, Hq, D)      k (Tk, Hkv, D)      v (Tk, Hkv, Dv)     -> out (Tq, Hq, Dv)
+
+Causal masks are aligned bottom-right when Sq != Sk (query i sees key j iff j <= i + Sk - Sq)::
+
+    Sq = 2, Sk = 5, causal        Sq = 5, Sk = 2, causal
+        1 1 1 1 0                     0 0
+        1 1 1 1 1                     0 0
+                                      0 0     <- rows with no key: output 0, LSE -inf
+                                      1 0
+                                      1 1
+
+The Triton kernels are imported lazily (first non-reference call); this module never imports
+transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from .reference import attention_reference
+
+__all__ = ["flash_attention", "BACKENDS"]
+
+BACKENDS = ("triton", "interpret", "reference")
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_warned_cpu_fallback = False
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+def _fail(exc: type, name: str, expected: str, got: object) -> None:
+    raise exc(f"flash_attention: `{name}` must be {expected}; got {got}")
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"{type(t).__name__} {t!r}"
+
+
+def _check_tensor(name: str, t: object, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, name, "a torch.Tensor", _describe(t))
+    if t.device != device:
+        _fail(ValueError, name, f"on the same device as q ({device})", f"device {t.device}")
+    return t
+
+
+def _check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> None:
+    _check_tensor(name, mask, device)
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        _fail(TypeError, name, "a bool or integer tensor (nonzero = keep)", f"dtype {mask.dtype}")
+    if tuple(mask.shape) != shape:
+        _fail(ValueError, name, f"of shape {shape}", f"shape {tuple(mask.shape)}")
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Value checks read tensor contents: only on CPU or when HF_TRITON_ATTN_VALIDATE=1 (they sync)."""
+    return t.device.type == "cpu" or os.environ.get("HF_TRITON_ATTN_VALIDATE", "0") == "1"
+
+
+def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, query_mask, seqused_k,
+              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size, softcap,
+              alibi_slopes, backend) -> tuple[bool, int, tuple[int, int]]:
+    """Raise on any bad input. Returns (is_varlen, number of sequences, (left, right) window)."""
+    if not isinstance(q, torch.Tensor):
+        _fail(TypeError, "q", "a torch.Tensor", _describe(q))
+    device = q.device
+    _check_tensor("k", k, device)
+    _check_tensor("v", v, device)
+    autocast = torch.is_autocast_enabled(device.type) if device.type in ("cuda", "cpu") else False
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            _fail(TypeError, name, "float16, bfloat16 or float32", f"dtype {t.dtype}")
+    if not autocast and not (q.dtype == k.dtype == v.dtype):
+        _fail(TypeError, "k, v", f"of q's dtype {q.dtype} (outside autocast)", f"k {k.dtype}, v {v.dtype}")
+    if backend is not None and backend not in BACKENDS:
+        _fail(ValueError, "backend", f"None or one of {BACKENDS}", repr(backend))
+    if not isinstance(causal, bool):
+        _fail(TypeError, "causal", "a bool", _describe(causal))
+    if softmax_scale is not None and (
+            not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool)
+            or not math.isfinite(softmax_scale)):
+        _fail(TypeError, "softmax_scale", "None or a finite float", _describe(softmax_scale))
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        _fail(ValueError, "dropout_p", "a float in [0, 1)", _describe(dropout_p))
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not (
+            math.isfinite(softcap) and softcap >= 0):
+        _fail(ValueError, "softcap", "a finite float >= 0 (0 = off)", _describe(softcap))
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        _fail(ValueError, "window_size", "a pair (left, right) of ints >= -1 (-1 = unbounded)",
+              _describe(window_size))
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+
+    varlen_args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    is_varlen = any(a is not None for a in varlen_args)
+    if is_varlen:
+        missing = [n for n, a in zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
+                                     varlen_args) if a is None]
+        if missing:
+            _fail(ValueError, ", ".join(missing), "given too (varlen needs all four cu_seqlens/max_seqlen)",
+                  "None")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 3:
+                _fail(ValueError, name, "3-D (total_tokens, heads, head_dim) in varlen mode",
+                      f"shape {tuple(t.shape)}")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            _check_tensor(name, cu, device)
+            if cu.dtype != torch.int32:
+                _fail(TypeError, name, "an int32 tensor", f"dtype {cu.dtype}")
+            if cu.dim() != 1 or cu.shape[0] < 2:
+                _fail(ValueError, name, "1-D of length batch + 1 >= 2", f"shape {tuple(cu.shape)}")
+        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+            _fail(ValueError, "cu_seqlens_k", f"of cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)}",
+                  f"shape {tuple(cu_seqlens_k.shape)}")
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+                _fail(TypeError, name, "a Python int >= 0", _describe(m))
+        for name, m in (("attention_mask", attention_mask), ("query_mask", query_mask)):
+            if m is not None:
+                _fail(ValueError, name, "None in varlen mode (padding-free batches have no padding)",
+                      _describe(m))
+        num_seqs = cu_seqlens_q.shape[0] - 1
+        total_q, hq, d = q.shape
+        total_k, hkv, _ = k.shape
+        sq, sk = max_seqlen_q, max_seqlen_k
+        batch_shape: tuple[int, ...] = ()
+        if _values_checkable(cu_seqlens_q):
+            for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                                        ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+                c = cu.cpu().long()
+                lens = c[1:] - c[:-1]
+                if c[0] != 0 or (lens < 0).any() or c[-1] != total:
+                    _fail(ValueError, name, f"non-decreasing prefix sums from 0 to {total} (the token count)",
+                          c.tolist())
+                if int(lens.max()) > mx:
+                    _fail(ValueError, name.replace("cu_seqlens", "max_seqlen"),
+                          f">= the longest sequence ({int(lens.max())})", mx)
+    else:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                _fail(ValueError, name, "4-D (batch, heads, seqlen, head_dim)", f"shape {tuple(t.shape)}")
+        num_seqs, hq, sq, d = q.shape
+        _, hkv, sk, _ = k.shape
+        if k.shape[0] != num_seqs or v.shape[0] != num_seqs:
+            _fail(ValueError, "k, v", f"of q's batch size {num_seqs}", f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        batch_shape = (num_seqs,)
+    seq_dim = 0 if is_varlen else 2
+    head_dim_axis = k.dim() - 1
+    if v.shape[seq_dim] != k.shape[seq_dim]:
+        _fail(ValueError, "v", f"of k's sequence length {k.shape[seq_dim]}", f"shape {tuple(v.shape)}")
+    kv_head_axis = 1
+    if v.shape[kv_head_axis] != hkv:
+        _fail(ValueError, "v", f"of k's number of heads {hkv}", f"shape {tuple(v.shape)}")
+    if k.shape[head_dim_axis] != d:
+        _fail(ValueError, "k", f"of q's head dim {d}", f"shape {tuple(k.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        _fail(ValueError, "k", f"a number of heads dividing q's {hq} (GQA/MQA)", f"{hkv} heads")
+    dv = v.shape[-1]
+    for name, dim in (("q", d), ("v", dv)):
+        if not 1 <= dim <= _MAX_HEAD_DIM:
+            _fail(ValueError, name, f"a head dim in 1..{_MAX_HEAD_DIM}", dim)
+
+    if attention_mask is not None:
+        _check_mask("attention_mask", attention_mask, batch_shape + (sk,), device)
+    if query_mask is not None:
+        _check_mask("query_mask", query_mask, batch_shape + (sq,), device)
+    if seqused_k is not None:
+        _check_tensor("seqused_k", seqused_k, device)
+        if seqused_k.dtype != torch.int32:
+            _fail(TypeError, "seqused_k", "an int32 tensor", f"dtype {seqused_k.dtype}")
+        if tuple(seqused_k.shape) != (num_seqs,):
+            _fail(ValueError, "seqused_k", f"of shape ({num_seqs},)", f"shape {tuple(seqused_k.shape)}")
+        if _values_checkable(seqused_k) and not is_varlen:
+            bad = (seqused_k < 0) | (seqused_k > sk)
+            if bool(bad.any()):
+                _fail(ValueError, "seqused_k", f"values in [0, {sk}]", seqused_k.tolist())
+    if alibi_slopes is not None:
+        _check_tensor("alibi_slopes", alibi_slopes, device)
+        if not alibi_slopes.dtype.is_floating_point:
+            _fail(TypeError, "alibi_slopes", "a float tensor", f"dtype {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((hq,), (num_seqs, hq)):
+            _fail(ValueError, "alibi_slopes", f"of shape ({hq},) or ({num_seqs}, {hq})",
+                  f"shape {tuple(alibi_slopes.shape)}")
+    return is_varlen, num_seqs, (left, right)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel launch (eager autograd.Function and torch.library custom op share these)
+# ----------------------------------------------------------------------------------------------
+
+def _as_4d(t: torch.Tensor, num_seqs: int, is_varlen: bool) -> torch.Tensor:
+    """Dense tensors as they are; packed (T, H, D) as a (num_seqs, H, T, D) view with batch stride 0."""
+    if not is_varlen:
+        return t
+    return t.permute(1, 0, 2).unsqueeze(0).expand(num_seqs, -1, -1, -1)
+
+
+def _as_3d_rows(t: torch.Tensor, num_seqs: int, is_varlen: bool) -> torch.Tensor:
+    """LSE/delta: dense (B, H, S) as is; varlen (H, T) as a (num_seqs, H, T) view with batch stride 0."""
+    return t.unsqueeze(0).expand(num_seqs, -1, -1) if is_varlen else t
+
+
+def _empty_out(q: torch.Tensor, head_dim_v: int, is_varlen: bool) -> torch.Tensor:
+    """Output in q's memory layout: BSHD memory viewed as BHSD when q is a transposed BSHD tensor."""
+    if is_varlen:
+        return q.new_empty(q.shape[0], q.shape[1], head_dim_v)
+    b, h, s, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return q.new_empty(b, s, h, head_dim_v).transpose(1, 2)
+    return q.new_empty(b, h, s, head_dim_v)
+
+
+def _empty_lse(q: torch.Tensor, is_varlen: bool) -> torch.Tensor:
+    shape = (q.shape[1], q.shape[0]) if is_varlen else q.shape[:3]
+    return torch.empty(shape, device=q.device, dtype=torch.float32)
+
+
+def _empty_grad(t: torch.Tensor) -> torch.Tensor:
+    """Gradient buffer with t's strides when t is dense (non-overlapping), else contiguous."""
+    return torch.empty_like(t)
+
+
+def _dot_precision(dtype: torch.dtype, interpret: bool) -> str:
+    """fp32 dots follow torch.backends.cuda.matmul.allow_tf32 (IEEE when off), like torch matmuls."""
+    if dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                 cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
+                 window_left, window_right, dropout_p, interpret) -> dict:
+    return dict(
+        key_mask=key_mask, query_mask=query_mask, seqused_k=seqused_k, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, alibi=alibi, rng=rng, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, num_seqs=num_seqs, sm_scale=sm_scale, softcap=softcap,
+        window_left=window_left, window_right=window_right, dropout_p=dropout_p,
+        is_varlen=is_varlen, dot_precision=_dot_precision(q.dtype, interpret))
+
+
+def _num_seqs(q: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor]) -> int:
+    return q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
+
+
+def _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
+                  max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
+                  dropout_p, interpret):
+    is_varlen = cu_seqlens_q is not None
+    num_seqs = _num_seqs(q, cu_seqlens_q)
+    out = _empty_out(q, v.shape[-1], is_varlen)
+    lse = _empty_lse(q, is_varlen)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    from .kernels.forward import flash_fwd
+
+    flash_fwd(
+        _as_4d(q, num_seqs, is_varlen), _as_4d(k, num_seqs, is_varlen), _as_4d(v, num_seqs, is_varlen),
+        _as_4d(out, num_seqs, is_varlen), _as_3d_rows(lse, num_seqs, is_varlen),
+        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                       cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
+                       window_left, window_right, dropout_p, interpret))
+    return out, lse
+
+
+def _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                   cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
+                   window_left, window_right, dropout_p, interpret):
+    is_varlen = cu_seqlens_q is not None
+    num_seqs = _num_seqs(q, cu_seqlens_q)
+    dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    from .kernels.backward import flash_bwd
+
+    flash_bwd(
+        _as_4d(dout, num_seqs, is_varlen), _as_4d(q, num_seqs, is_varlen),
+        _as_4d(k, num_seqs, is_varlen), _as_4d(v, num_seqs, is_varlen),
+        _as_4d(out, num_seqs, is_varlen), _as_3d_rows(lse, num_seqs, is_varlen),
+        _as_3d_rows(delta, num_seqs, is_varlen), _as_4d(dq, num_seqs, is_varlen),
+        _as_4d(dk, num_seqs, is_varlen), _as_4d(dv, num_seqs, is_varlen),
+        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                       cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
+                       window_left, window_right, dropout_p, interpret))
+    return dq, dk, dv
+
+
+_SAVED_TENSOR_ARGS = ("key_mask", "query_mask", "seqused_k", "cu_seqlens_q", "cu_seqlens_k", "alibi", "rng")
+
+
+class _FlashAttnFunction(torch.autograd.Function):
+    """Eager path: calls the launchers directly (cheaper than the custom op's dispatch)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
+                max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+                interpret):
+        out, lse = _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k,
+                                 alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left,
+                                 window_right, dropout_p, interpret)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                              cu_seqlens_k, alibi, rng)
+        ctx.scalars = (max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
+                       dropout_p, interpret)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
+        return (dq, dk, dv) + (None,) * 15
+
+
+# torch.library custom op: what torch.compile sees (opaque to the tracer, with a fake impl).
+@torch.library.custom_op("hf_triton_attn::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+    query_mask: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    alibi: Optional[torch.Tensor], rng: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    sm_scale: float, softcap: float, window_left: int, window_right: int, dropout_p: float,
+    interpret: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
+                         rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
+                         dropout_p, interpret)
+
+
+@_flash_attn_fwd_op.register_fake
+def _(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q,
+      max_seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, interpret):
+    is_varlen = cu_seqlens_q is not None
+    return _empty_out(q, v.shape[-1], is_varlen), _empty_lse(q, is_varlen)
+
+
+@torch.library.custom_op("hf_triton_attn::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, key_mask: Optional[torch.Tensor], query_mask: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor], alibi: Optional[torch.Tensor], rng: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, sm_scale: float, softcap: float, window_left: int,
+    window_right: int, dropout_p: float, interpret: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                          cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
+                          window_left, window_right, dropout_p, interpret)
+
+
+@_flash_attn_bwd_op.register_fake
+def _(dout, q, k, v, *args):
+    return _empty_grad(q), _empty_grad(k), _empty_grad(v)
+
+
+def _op_setup_context(ctx, inputs, output):
+    (q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, *scalars) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+                          cu_seqlens_k, alibi, rng)
+    ctx.scalars = tuple(scalars)
+    ctx.mark_non_differentiable(lse)
+
+
+def _op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * 15
+
+
+_flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend choice and the public function
+# ----------------------------------------------------------------------------------------------
+
+def _choose_backend(backend: Optional[str], device: torch.device) -> str:
+    global _warned_cpu_fallback
+    if backend is not None:
+        return backend
+    env = os.environ.get("HF_TRITON_ATTN_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"HF_TRITON_ATTN_BACKEND must be one of {BACKENDS}; got {env!r}")
+        return env
+    if device.type == "cuda":
+        return "triton"
+    if not _warned_cpu_fallback and not torch.compiler.is_compiling():
+        _warned_cpu_fallback = True
+        warnings.warn(
+            f"hf_triton_attn: tensors on {device.type} have no Triton GPU kernel; using the eager "
+            "reference implementation (pass backend='interpret' with TRITON_INTERPRET=1 to run the "
+            "Triton kernels on the CPU). This warning is shown once.", stacklevel=3)
+    return "reference"
+
+
+def _check_backend_usable(backend: str, device: torch.device) -> None:
+    if backend == "reference":
+        return
+    from .kernels import interpreted
+
+    if backend == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"flash_attention: backend='triton' needs CUDA tensors; got device {device} "
+                             "(use backend='reference', or 'interpret' with TRITON_INTERPRET=1)")
+        if interpreted():
+            raise ValueError("flash_attention: backend='triton' is unavailable because TRITON_INTERPRET=1 "
+                             "was set when triton was imported (the kernels are interpreted)")
+    elif not interpreted():
+        raise ValueError("flash_attention: backend='interpret' needs the environment variable "
+                         "TRITON_INTERPRET=1 set before triton and hf_triton_attn are first imported "
+                         "(Triton fixes the mode at import)")
+
+
+def _draw_dropout_rng(device: torch.device) -> torch.Tensor:
+    """int64 [seed, offset] drawn from torch's generator on ``device``: no host sync, replayable."""
+    return torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    softmax_scale: Optional[float] = None, dropout_p: float = 0.0,
+    attention_mask: Optional[torch.Tensor] = None, query_mask: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False, return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Exact attention ``softmax(q k^T * scale + bias) v`` without materialising the scores.
+
+    Args:
+        q: ``(B, Hq, Sq, D)`` dense, or ``(total_q, Hq, D)`` packed with ``cu_seqlens_q``.
+        k: ``(B, Hkv, Sk, D)`` / ``(total_k, Hkv, D)``; ``Hq % Hkv == 0`` (GQA/MQA, never repeated).
+        v: ``(B, Hkv, Sk, Dv)`` / ``(total_k, Hkv, Dv)``; Dv may differ from D (both 1..256).
+        causal: query i sees key j iff ``j <= i + Sk - Sq`` (bottom-right aligned).
+        softmax_scale: defaults to ``D ** -0.5``.
+        dropout_p: dropout on the probabilities (pass 0.0 at eval); Philox seeded from torch's
+            generator, so ``torch.manual_seed`` reproduces it.
+        attention_mask: ``(B, Sk)`` bool/int, nonzero = real key (HF tokenizer convention).
+        query_mask: ``(B, Sq)`` bool/int, nonzero = real query; padded rows are skipped, output 0.
+        seqused_k: ``(B,)`` int32, only the first ``seqused_k[b]`` keys of row b exist.
+        cu_seqlens_q, cu_seqlens_k: ``(B + 1,)`` int32 prefix sums (varlen); with
+            ``max_seqlen_q``, ``max_seqlen_k`` Python ints.
+        window_size: ``(left, right)``: query i sees keys in
+            ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 = unbounded.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: ``(Hq,)`` or ``(B, Hq)``: bias ``-slope * |i + Sk - Sq - j|`` after scaling.
+        deterministic: accepted for FlashAttention compatibility; the backward never uses atomics,
+            so it is always bitwise reproducible.
+        return_lse: also return the natural-log LSE, ``(B, Hq, Sq)`` or ``(Hq, total_q)``, -inf
+            for rows with no visible key, without gradient.
+        backend: None (auto: ``"triton"`` on CUDA, ``"reference"`` on CPU with a one-time warning;
+            env ``HF_TRITON_ATTN_BACKEND`` overrides the auto choice), ``"triton"``, ``"interpret"``
+            or ``"reference"``. An explicit backend never falls back.
+
+    Returns:
+        ``out`` ``(B, Hq, Sq, Dv)`` (in q's memory layout: BSHD memory when q is a transposed BSHD
+        tensor) or ``(total_q, Hq, Dv)``; ``(out, lse)`` with ``return_lse``. Rows with no visible
+        key are 0, never NaN.
+    """
+    is_varlen, num_seqs, (left, right) = _validate(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+        attention_mask=attention_mask, query_mask=query_mask, seqused_k=seqused_k,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, backend=backend)
+    device = q.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    sm_scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    chosen = _choose_backend(backend, device)
+
+    if chosen == "reference":
+        return attention_reference(
+            q, k, v, causal=causal, softmax_scale=sm_scale, dropout_p=float(dropout_p),
+            attention_mask=attention_mask, query_mask=query_mask, seqused_k=seqused_k,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, window_size=(left, right), softcap=float(softcap),
+            alibi_slopes=alibi_slopes, return_lse=return_lse)
+
+    _check_backend_usable(chosen, device)
+    # bool masks are read as bytes (a free view); integer masks as they are.
+    key_mask = attention_mask.view(torch.uint8) if attention_mask is not None and \
+        attention_mask.dtype == torch.bool else attention_mask
+    qmask = query_mask.view(torch.uint8) if query_mask is not None and \
+        query_mask.dtype == torch.bool else query_mask
+    alibi = alibi_slopes.float() if alibi_slopes is not None else None
+    rng = _draw_dropout_rng(device) if dropout_p > 0 else None
+    if is_varlen:
+        max_sq, max_sk = int(max_seqlen_q), int(max_seqlen_k)
+    else:
+        max_sq, max_sk = q.shape[2], k.shape[2]
+    args = (q, k, v, key_mask, qmask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_sq, max_sk,
+            sm_scale, float(softcap), left, right, float(dropout_p), chosen == "interpret")
+    if torch.compiler.is_compiling():
+        out, lse = _flash_attn_fwd_op(*args)
+    else:
+        out, lse = _FlashAttnFunction.apply(*args)
+    return (out, lse) if return_lse else out
