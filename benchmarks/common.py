@@ -7,6 +7,7 @@ Everything here is importable without a GPU and without matplotlib; plotting ret
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import importlib.metadata
 import json
@@ -54,7 +55,12 @@ def git_commit() -> str:
         return env
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -155,8 +161,12 @@ def max_abs_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
 
 
 def short_error(exc: BaseException, limit: int = 300) -> str:
-    """Exception type and first line of its message, cut to ``limit`` characters."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """Exception type with the first and last lines of its message, cut to ``limit`` characters.
+
+    The last line matters for Triton's CompilationError, whose first line is only a position.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))
     return f"{type(exc).__name__}: {text}"[:limit]
 
 
@@ -206,6 +216,7 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
 # --------------------------------------------------------------------------- plotting
 
 
+@functools.cache
 def load_pyplot() -> Any | None:
     """matplotlib.pyplot with the Agg backend, or None (with a printed note) when not installed."""
     try:
@@ -259,8 +270,10 @@ def plot_lines(
 
 def _draw_panel(ax: Any, records: list[dict[str, Any]], *, x: str, y: str, logx: bool) -> None:
     """One line per provider, points sorted by ``x``; providers in PROVIDER_STYLE order."""
-    providers = sorted({r["provider"] for r in records}, key=lambda p: list(PROVIDER_STYLE).index(p)
-                       if p in PROVIDER_STYLE else len(PROVIDER_STYLE))
+    providers = sorted(
+        {r["provider"] for r in records},
+        key=lambda p: list(PROVIDER_STYLE).index(p) if p in PROVIDER_STYLE else len(PROVIDER_STYLE),
+    )
     for provider in providers:
         points = sorted((r[x], r[y]) for r in records if r["provider"] == provider and r.get(y) is not None)
         if points:
@@ -268,6 +281,7 @@ def _draw_panel(ax: Any, records: list[dict[str, Any]], *, x: str, y: str, logx:
             ax.plot(xs, ys, label=provider, **PROVIDER_STYLE.get(provider, {}))
     if logx:
         ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
 
 

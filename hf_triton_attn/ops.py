@@ -68,7 +68,10 @@ def _check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.d
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
-    """Value checks read tensor contents: only on CPU or when HF_TRITON_ATTN_VALIDATE=1 (they sync)."""
+    """Value checks read tensor contents: only on CPU or when HF_TRITON_ATTN_VALIDATE=1 (they sync),
+    never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or os.environ.get("HF_TRITON_ATTN_VALIDATE", "0") == "1"
 
 
@@ -262,6 +265,7 @@ def _num_seqs(q: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor]) -> int:
 def _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
                   max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
                   dropout_p, interpret):
+    _check_backend_usable(interpret, q.device)
     is_varlen = cu_seqlens_q is not None
     num_seqs = _num_seqs(q, cu_seqlens_q)
     out = _empty_out(q, v.shape[-1], is_varlen)
@@ -412,19 +416,26 @@ def _choose_backend(backend: Optional[str], device: torch.device) -> str:
     return "reference"
 
 
-def _check_backend_usable(backend: str, device: torch.device) -> None:
-    if backend == "reference":
-        return
-    from .kernels import interpreted
+_kernels_interpreted: Optional[bool] = None
 
-    if backend == "triton":
+
+def _check_backend_usable(interpret: bool, device: torch.device) -> None:
+    """Raise if the requested kernel mode cannot run here. Runs where the kernels launch."""
+    global _kernels_interpreted
+    if _kernels_interpreted is None:
+        from .kernels import interpreted
+
+        _kernels_interpreted = interpreted()
+    if _kernels_interpreted == interpret and (interpret or device.type == "cuda"):
+        return
+    if not interpret:
         if device.type != "cuda":
             raise ValueError(f"flash_attention: backend='triton' needs CUDA tensors; got device {device} "
                              "(use backend='reference', or 'interpret' with TRITON_INTERPRET=1)")
-        if interpreted():
+        if _kernels_interpreted:
             raise ValueError("flash_attention: backend='triton' is unavailable because TRITON_INTERPRET=1 "
                              "was set when triton was imported (the kernels are interpreted)")
-    elif not interpreted():
+    else:
         raise ValueError("flash_attention: backend='interpret' needs the environment variable "
                          "TRITON_INTERPRET=1 set before triton and hf_triton_attn are first imported "
                          "(Triton fixes the mode at import)")
@@ -498,7 +509,6 @@ def flash_attention(
             max_seqlen_k=max_seqlen_k, window_size=(left, right), softcap=float(softcap),
             alibi_slopes=alibi_slopes, return_lse=return_lse)
 
-    _check_backend_usable(chosen, device)
     # bool masks are read as bytes (a free view); integer masks as they are.
     key_mask = attention_mask.view(torch.uint8) if attention_mask is not None and \
         attention_mask.dtype == torch.bool else attention_mask

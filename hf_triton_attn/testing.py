@@ -1,0 +1,38 @@
+"""Helpers for tests and users who need to reproduce the kernels' randomness exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import _check_backend_usable, _draw_dropout_rng
+
+__all__ = ["draw_dropout_rng", "dropout_keep_mask"]
+
+
+def draw_dropout_rng(device: torch.device | str) -> torch.Tensor:
+    """The int64 ``[seed, offset]`` pair that the next dropout call on ``device`` will draw.
+
+    Call it right after restoring the generator state that the attention call saw, e.g.
+    ``torch.manual_seed(s); out = flash_attention(..., dropout_p=p)`` then
+    ``torch.manual_seed(s); rng = draw_dropout_rng(device)``.
+    """
+    return _draw_dropout_rng(torch.device(device))
+
+
+def dropout_keep_mask(rng: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+                      dropout_p: float, interpret: bool | None = None) -> torch.Tensor:
+    """Bool keep-mask ``(batch, heads, seqlen_q, seqlen_k)`` that the kernels apply for ``rng``.
+
+    Element (b, h, i, j) is kept with probability ``1 - dropout_p``; for varlen batches b is the
+    sequence index and i, j are positions inside the sequence. Pass it to
+    ``attention_reference(..., dropout_mask=mask)`` to reproduce a kernel call exactly.
+    """
+    if interpret is None:
+        interpret = rng.device.type != "cuda"
+    _check_backend_usable(interpret, rng.device)
+    from .kernels.dropout import dropout_mask
+
+    mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.int8, device=rng.device)
+    if mask.numel():
+        dropout_mask(mask, rng, float(dropout_p))
+    return mask.bool()

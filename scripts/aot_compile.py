@@ -1,0 +1,541 @@
+#!/usr/bin/env python
+"""Ahead-of-time compile check: every kernel specialization the launchers produce, for sm_90.
+
+CI runs the kernels through Triton's CPU interpreter, which accepts programs the GPU compiler
+rejects (a ``tl.dot`` with K < 16, a non-constexpr global, ...). This script closes that gap on a
+CPU-only machine:
+
+1. With ``TRITON_INTERPRET`` unset (so ``kernels/configs.py`` picks the GPU block configs), it
+   calls the public ``flash_attention`` (forward and autograd backward) and ``dropout_mask`` with
+   small CPU tensors over a matrix of cases: every constexpr flag on its own, realistic
+   combinations, and every dtype x head dim for the plain case.
+2. ``JITFunction.__getitem__`` is patched so that ``kernel[grid](*args, **kwargs)`` records the
+   launch instead of running it: nothing is launched, no device is touched.
+3. Each launch is specialized the way ``JITFunction.run`` would do it on the GPU (Triton's own
+   binder: pointer dtypes, 16-byte alignment, ints equal to 1 as constexpr), deduplicated, and
+   compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` down to a
+   cubin (ptxas ships in the triton wheel), in a process pool.
+
+Prints one line per failure (kernel, specialization, error) and ``N compiled, M failed``; exits 1
+if anything failed. Run it with the Triton to check first on PYTHONPATH (see aot_check.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_MODULES = ("common", "forward", "backward", "dropout")
+TARGET = ("cuda", 90, 32)  # H100: sm_90, warp size 32
+# launch keyword arguments that are compile options, not kernel parameters
+OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "debug")
+
+
+def _prepare_env() -> None:
+    """Must run before triton is imported (in the parent and in each worker)."""
+    if os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("aot_compile: ignoring TRITON_INTERPRET (this check compiles for the GPU)", flush=True)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+
+# ----------------------------------------------------------------------------------------------
+# the matrix of cases
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: str = "float16"  # float16 | bfloat16 | float32
+    tf32: bool = False  # fp32 only: torch.backends.cuda.matmul.allow_tf32 -> DOT_PRECISION "tf32"
+    d: int = 64
+    dv: int | None = None  # None: = d
+    batch: int = 2
+    hq: int = 4
+    hkv: int = 4
+    sq: int = 64
+    sk: int = 64
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: str | None = None  # None | "h" (Hq,) | "bh" (B, Hq)
+    key_mask: str | None = None  # None | bool | int64 | int32 (HF masks are int64)
+    query_mask: str | None = None
+    seqused_k: bool = False
+    varlen: bool = False
+    dropout: float = 0.0
+    bshd: bool = False  # q, k, v as transposed (B, S, H, D) memory
+    backward: bool = True
+
+    def label(self) -> str:
+        defaults = Case()
+        parts = [f"{self.dtype}{'/tf32' if self.tf32 else ''}", f"D={self.d}"]
+        if self.dv is not None and self.dv != self.d:
+            parts.append(f"Dv={self.dv}")
+        for f in dataclasses.fields(self):
+            if f.name in ("dtype", "tf32", "d", "dv"):
+                continue
+            val = getattr(self, f.name)
+            if val != getattr(defaults, f.name):
+                parts.append(f"{f.name}={val}")
+        return " ".join(parts)
+
+
+PRECISIONS = (("float16", False), ("bfloat16", False), ("float32", False), ("float32", True))
+HEAD_DIMS = (1, 16, 32, 40, 64, 80, 96, 128, 256)  # BLOCK_D 16..256, even and padded
+HEAD_DIM_PAIRS = ((64, 128), (128, 64), (40, 256), (256, 16), (1, 96))  # Dv != D
+
+
+def build_cases() -> list[Case]:
+    cases: list[Case] = []
+    # every dtype x head dim, plain (no flag): covers every BLOCK_D/BLOCK_DV, EVEN_D and config
+    for dtype, tf32 in PRECISIONS:
+        for d in HEAD_DIMS:
+            cases.append(Case(dtype=dtype, tf32=tf32, d=d))
+    for dtype, tf32 in (("float16", False), ("float32", True)):
+        for d, dv in HEAD_DIM_PAIRS:
+            cases.append(Case(dtype=dtype, tf32=tf32, d=d, dv=dv))
+    # each flag on its own (fp16, D=64; padded D=80 for the masked-load paths)
+    single = [
+        dict(causal=True),                              # HAS_RIGHT
+        dict(window=(16, -1)),                          # HAS_LEFT
+        dict(window=(16, 8)),                           # HAS_LEFT + HAS_RIGHT
+        dict(softcap=30.0),                             # HAS_SOFTCAP
+        dict(alibi="h"), dict(alibi="bh"),              # HAS_ALIBI
+        dict(key_mask="bool"), dict(key_mask="int64"), dict(key_mask="int32"),  # HAS_KEY_MASK
+        dict(query_mask="bool"), dict(query_mask="int64"),                      # HAS_QUERY_MASK
+        dict(seqused_k=True),                           # HAS_SEQUSED_K
+        dict(varlen=True),                              # IS_VARLEN
+        dict(dropout=0.1),                              # HAS_DROPOUT
+        dict(bshd=True),                                # (B, S, H, D) memory
+        dict(hkv=1), dict(hkv=2),                       # MQA, GQA
+        dict(sq=1, sk=64, causal=True, key_mask="int64"),  # decode step
+        dict(sq=17, sk=97, causal=True),                # Sq != Sk
+    ]
+    for kw in single:
+        cases.append(Case(**kw))
+    # realistic combinations, in several dtypes / head dims
+    combos = [
+        dict(causal=True, key_mask="int64", query_mask="int64", hkv=1),        # HF padded batch, MQA
+        dict(causal=True, key_mask="bool", hkv=2, bshd=True),                  # HF sdpa layout, GQA
+        dict(varlen=True, window=(32, 0), hkv=2),                              # varlen + sliding window
+        dict(varlen=True, causal=True, seqused_k=True),
+        dict(softcap=50.0, alibi="h", causal=True),                            # softcap + alibi
+        dict(dropout=0.1, causal=True, key_mask="bool"),                       # training step
+        dict(causal=True, window=(16, -1), softcap=30.0, alibi="bh", key_mask="bool",
+             query_mask="bool", seqused_k=True, dropout=0.2, hkv=2),           # every dense flag
+        dict(varlen=True, window=(16, 4), softcap=30.0, alibi="h", seqused_k=True,
+             dropout=0.2, hkv=2),                                              # every varlen flag
+    ]
+    for kw in combos:
+        cases.append(Case(**kw))
+    for dtype, tf32, d in (("bfloat16", False, 80), ("float32", True, 256), ("float32", False, 40),
+                           ("float16", False, 1), ("float16", False, 128)):
+        for kw in (combos[-2], combos[-1]):
+            cases.append(Case(dtype=dtype, tf32=tf32, d=d, **kw))
+    cases.append(Case(dtype="bfloat16", d=128, dv=256, causal=True, key_mask="int64", hkv=2))
+    cases.append(Case(sq=1, sk=1, batch=1, hq=1, hkv=1, d=1, window=(1, 1)))  # every int == 1
+    return cases
+
+
+def _mask(kind: str, shape: tuple[int, ...]):
+    import torch
+
+    m = torch.ones(shape, dtype=torch.bool)
+    m[..., -1] = False
+    return m if kind == "bool" else m.to(getattr(torch, kind))
+
+
+def run_case(case: Case) -> None:
+    """Call flash_attention (+ backward) like a GPU user would; launches are recorded, not run."""
+    import torch
+
+    from hf_triton_attn import flash_attention
+
+    dtype = getattr(torch, case.dtype)
+    dv = case.dv if case.dv is not None else case.d
+    b, hq, hkv, sq, sk = case.batch, case.hq, case.hkv, case.sq, case.sk
+    kw: dict = dict(causal=case.causal, window_size=case.window, softcap=case.softcap,
+                    dropout_p=case.dropout, backend="triton")
+    if case.varlen:
+        lens_q = [max(1, sq // 2 - 3), sq - max(1, sq // 2 - 3)][:b] + [1] * max(0, b - 2)
+        lens_k = [max(1, sk // 2 + 5), sk - max(1, sk // 2 + 5)][:b] + [1] * max(0, b - 2)
+        cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+        cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+        q = torch.zeros(int(cu_q[-1]), hq, case.d, dtype=dtype)
+        k = torch.zeros(int(cu_k[-1]), hkv, case.d, dtype=dtype)
+        v = torch.zeros(int(cu_k[-1]), hkv, dv, dtype=dtype)
+        kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    elif case.bshd:
+        q = torch.zeros(b, sq, hq, case.d, dtype=dtype).transpose(1, 2)
+        k = torch.zeros(b, sk, hkv, case.d, dtype=dtype).transpose(1, 2)
+        v = torch.zeros(b, sk, hkv, dv, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.zeros(b, hq, sq, case.d, dtype=dtype)
+        k = torch.zeros(b, hkv, sk, case.d, dtype=dtype)
+        v = torch.zeros(b, hkv, sk, dv, dtype=dtype)
+    if case.alibi == "h":
+        kw["alibi_slopes"] = torch.full((hq,), 0.5)
+    elif case.alibi == "bh":
+        kw["alibi_slopes"] = torch.full((b, hq), 0.5)
+    if case.key_mask:
+        kw["attention_mask"] = _mask(case.key_mask, (b, sk))
+    if case.query_mask:
+        kw["query_mask"] = _mask(case.query_mask, (b, sq))
+    if case.seqused_k:
+        kw["seqused_k"] = torch.full((b,), max(1, sk // 2), dtype=torch.int32)
+    for t in (q, k, v):
+        t.requires_grad_(case.backward)
+    torch.backends.cuda.matmul.allow_tf32 = case.tf32
+    out = flash_attention(q, k, v, **kw)
+    if case.backward:
+        out.backward(torch.zeros_like(out))
+
+
+def run_dropout_mask_cases() -> list[str]:
+    import torch
+
+    from hf_triton_attn.kernels.dropout import dropout_mask
+
+    labels = []
+    for shape in ((2, 4, 64, 64), (1, 3, 17, 97), (1, 1, 1, 1)):
+        rng = torch.tensor([1234, 5678], dtype=torch.int64)
+        dropout_mask(torch.empty(shape, dtype=torch.int8), rng, 0.1)
+        labels.append(f"dropout_mask shape={shape}")
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# recording launches and turning them into compile jobs
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Job:
+    module: str  # module of the kernel, e.g. hf_triton_attn.kernels.forward
+    name: str  # the kernel's function name
+    signature: dict  # parameter name -> "*fp16" | "i32" | "fp32" | "constexpr" | ...
+    constexprs: dict  # (param index,) -> value
+    attrs: dict  # (param index,) -> [["tt.divisibility", 16]]
+    options: dict  # num_warps, num_stages
+    cases: list  # labels of the cases that produced it
+
+    def key(self) -> tuple:
+        return (self.module, self.name, tuple(self.signature.items()),
+                tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+                tuple(sorted((k, repr(v)) for k, v in self.attrs.items())),
+                tuple(sorted(self.options.items())))
+
+    def describe(self) -> str:
+        """The specialization in one line: pointer dtypes, true flags, block sizes, options."""
+        names = list(self.signature)
+        consts = {names[k[0]]: v for k, v in self.constexprs.items()}
+        ptrs = sorted({v for v in self.signature.values() if v.startswith("*")})
+        flags = [n for n, v in consts.items() if n.isupper() and v is True]
+        sizes = [f"{n}={v}" for n, v in consts.items() if n.isupper() and not isinstance(v, bool)]
+        ones = [n for n, v in consts.items() if not n.isupper() and v == 1]
+        parts = ["ptrs " + ",".join(ptrs), "flags " + (",".join(flags) or "-"), " ".join(sizes),
+                 f"warps={self.options.get('num_warps')} stages={self.options.get('num_stages')}"]
+        if ones:
+            parts.append("=1: " + ",".join(ones))
+        return "; ".join(p for p in parts if p)
+
+
+_TORCH_TO_TRITON = {
+    "float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int8": "i8",
+    "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1",
+}
+
+
+def _manual_specialization(fn, args, kwargs):
+    """Fallback when Triton's binder internals are unavailable: plain types, no alignment attrs."""
+    import torch
+
+    bound = fn.signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs = {}, {}
+    for i, p in enumerate(fn.params):
+        val = bound.arguments[p.name]
+        if p.is_constexpr or val is None:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = val
+        elif isinstance(val, torch.Tensor):
+            signature[p.name] = "*" + _TORCH_TO_TRITON[str(val.dtype).replace("torch.", "")]
+        elif isinstance(val, bool):
+            signature[p.name] = "i1"
+        elif isinstance(val, int):
+            signature[p.name] = "i32" if -2**31 <= val < 2**31 else "i64"
+        elif isinstance(val, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={val!r}")
+    return signature, constexprs, {}
+
+
+def specialize(fn, args, kwargs, manual: bool):
+    """(signature, constexprs, attrs, options) exactly as JITFunction.run builds them on the GPU."""
+    params = {k: v for k, v in kwargs.items() if k not in OPTION_KEYS}
+    options = {k: v for k, v in kwargs.items() if k in OPTION_KEYS}
+    options.setdefault("debug", False)
+    if not manual:
+        try:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import make_backend
+            from triton.runtime.jit import create_function_from_signature
+
+            backend = make_backend(GPUTarget(*TARGET))
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound_args, spec, _ = binder(*args, **params, **options)
+            _, signature, constexprs, attrs = fn._pack_args(backend, dict(params, **options), bound_args,
+                                                            spec, options)
+            return signature, constexprs, attrs, options
+        except (ImportError, AttributeError, TypeError) as exc:
+            print(f"aot_compile: Triton's binder is unavailable ({exc!r}); typing arguments by hand",
+                  flush=True)
+    return (*_manual_specialization(fn, args, params), options)
+
+
+class Recorder:
+    """Patches JITFunction.__getitem__: ``kernel[grid](...)`` appends a launch instead of running."""
+
+    def __init__(self):
+        self.launches: list = []  # (fn, args, kwargs, case label)
+        self.label = ""
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+
+        self._cls, self._orig = JITFunction, JITFunction.__dict__.get("__getitem__")
+        recorder = self
+
+        def __getitem__(fn, grid):
+            def launch(*args, **kwargs):
+                recorder.launches.append((fn, args, kwargs, recorder.label))
+            return launch
+
+        JITFunction.__getitem__ = __getitem__
+        return self
+
+    def __exit__(self, *exc):
+        if self._orig is None:
+            del self._cls.__getitem__
+        else:
+            self._cls.__getitem__ = self._orig
+
+
+def collect_jobs(manual: bool) -> tuple[list[Job], list[str]]:
+    """Run every case under the recorder. Returns deduplicated jobs and setup errors."""
+    from hf_triton_attn import ops
+    from hf_triton_attn.kernels import configs, interpreted
+
+    if configs.INTERPRETED or interpreted():
+        raise SystemExit("aot_compile: kernels were imported for the interpreter; unset TRITON_INTERPRET")
+    # The only CPU obstacle on the public path: backend="triton" insists on CUDA tensors.
+    ops._check_backend_usable = lambda backend, device: None
+
+    errors: list[str] = []
+    recorder = Recorder()
+    with recorder:
+        for case in build_cases():
+            recorder.label = case.label()
+            try:
+                run_case(case)
+            except Exception as exc:  # a launcher bug: report, keep going
+                errors.append(f"SETUP {recorder.label}: {type(exc).__name__}: {exc}")
+        recorder.label = "dropout_mask"
+        run_dropout_mask_cases()
+
+    jobs: dict[tuple, Job] = {}
+    for fn, args, kwargs, label in recorder.launches:
+        signature, constexprs, attrs, options = specialize(fn, args, kwargs, manual)
+        job = Job(fn.fn.__module__, fn.__name__, signature, constexprs, attrs, options, [label])
+        if job.key() in jobs:
+            jobs[job.key()].cases.append(label)
+        else:
+            jobs[job.key()] = job
+    return list(jobs.values()), errors
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling (in worker processes)
+# ----------------------------------------------------------------------------------------------
+
+def _worker_init() -> None:
+    import warnings
+
+    _prepare_env()
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+
+def _jit_functions() -> dict:
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    for mod in KERNEL_MODULES:
+        m = importlib.import_module(f"hf_triton_attn.kernels.{mod}")
+        for name, obj in vars(m).items():
+            if isinstance(obj, JITFunction) and obj.fn.__module__ == m.__name__:
+                found[name] = obj
+    return found
+
+
+def _where(exc: BaseException) -> str:
+    """'file:line in fn' for the innermost CompilationError of a chain."""
+    import inspect
+
+    inner = None
+    e: BaseException | None = exc
+    while e is not None:
+        if getattr(e, "src", None) is not None and hasattr(getattr(e, "node", None), "lineno"):
+            inner = e
+        e = e.__cause__ or e.__context__
+    if inner is None:
+        return ""
+    m = re.match(r"def\s+(\w+)", inner.src)
+    fn = _jit_functions().get(m.group(1)) if m else None
+    if fn is None:
+        return f"line {inner.node.lineno} of {m.group(1) if m else '?'}"
+    lines, start = inspect.getsourcelines(fn.fn)
+    def_line = start + next(i for i, s in enumerate(lines) if re.match(r"\s*def\s", s))
+    path = os.path.relpath(fn.fn.__code__.co_filename, REPO)
+    return f"{path}:{def_line + inner.node.lineno - 1} in {fn.__name__}"
+
+
+def _one_line_error(exc: BaseException, diagnostics: str) -> str:
+    """The root cause of a compile error (plus MLIR/ptxas diagnostics) on one line."""
+    chain = []
+    e: BaseException | None = exc
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    root = chain[-1]
+    msg = getattr(root, "error_message", None) or str(root)
+    if getattr(root, "src", None) is not None and not getattr(root, "error_message", None):
+        msg = str(root).splitlines()[-1]
+    text = f"{type(root).__name__}: {msg}"
+    where = _where(exc)
+    if where:
+        text = f"{where}: {text}"
+    diag = [ln.strip() for ln in diagnostics.splitlines() if "error" in ln.lower()]
+    if diag:
+        text += " | " + " | ".join(diag[:4])
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def compile_job(job: Job) -> tuple[bool, str, float, str]:
+    """Compile one specialization to a cubin. Returns (ok, one-line error, seconds, full log)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_functions()[job.name]
+    start = time.perf_counter()
+    # MLIR and ptxas write their diagnostics to fd 2: capture them for the report.
+    with tempfile.TemporaryFile(mode="w+b") as err_file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err_file.fileno(), 2)
+        try:
+            src = ASTSource(fn, job.signature, job.constexprs, job.attrs)
+            kernel = triton.compile(src, target=GPUTarget(*TARGET), options=dict(job.options))
+            ok, err, log = True, "", ""
+            if not kernel.asm.get("cubin"):
+                ok, err = False, "no cubin produced"
+        except Exception as exc:
+            ok, log = False, traceback.format_exc()
+            err_file.flush()
+            err_file.seek(0)
+            diagnostics = err_file.read().decode(errors="replace")
+            err = _one_line_error(exc, diagnostics)
+            log += diagnostics
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+    return ok, err, time.perf_counter() - start, log
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-j", "--jobs", type=int, default=min(len(os.sched_getaffinity(0)), 8),
+                    help="compile processes (default: the usable cores, at most 8)")
+    ap.add_argument("--list", action="store_true", help="print the specializations, compile nothing")
+    ap.add_argument("--filter", default="", help="only kernels whose name contains this")
+    ap.add_argument("--manual-signature", action="store_true",
+                    help="type the arguments by hand instead of using Triton's binder")
+    ap.add_argument("--cache-dir", default=None,
+                    help="Triton cache dir (default: a fresh temporary one, so everything is compiled)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print full logs of failures")
+    a = ap.parse_args()
+
+    _prepare_env()
+    import triton
+
+    import hf_triton_attn
+
+    print(f"aot_compile: triton {triton.__version__} from {os.path.dirname(triton.__file__)}; "
+          f"hf_triton_attn from {os.path.dirname(hf_triton_attn.__file__)}; "
+          f"target {TARGET[0]} sm_{TARGET[1]}", flush=True)
+    t0 = time.perf_counter()
+    jobs, setup_errors = collect_jobs(a.manual_signature)
+    jobs = [j for j in jobs if a.filter in j.name]
+    for line in setup_errors:
+        print(line, flush=True)
+    by_kernel: dict[str, int] = {}
+    for j in jobs:
+        by_kernel[j.name] = by_kernel.get(j.name, 0) + 1
+    print(f"aot_compile: {len(jobs)} specializations ({', '.join(f'{k} {v}' for k, v in by_kernel.items())})"
+          f" from {len({c for j in jobs for c in j.cases})} cases in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    if a.list:
+        for j in jobs:
+            print(f"{j.name} [{j.describe()}] <- {j.cases[0]}")
+        return 0
+
+    tmp = None
+    if a.cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = a.cache_dir
+    elif "TRITON_CACHE_DIR" not in os.environ:
+        tmp = tempfile.TemporaryDirectory(prefix="aot_triton_cache_")
+        os.environ["TRITON_CACHE_DIR"] = tmp.name
+
+    # slowest kernels first, so the pool drains evenly
+    cost = {"_bwd_dkdv_kernel": 0, "_bwd_dq_kernel": 1, "_fwd_kernel": 2}
+    jobs.sort(key=lambda j: (cost.get(j.name, 3), -j.constexprs.get((list(j.signature).index("BLOCK_D"),), 0)
+                             if "BLOCK_D" in j.signature else 0))
+    n_ok = n_fail = 0
+    t1 = time.perf_counter()
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork after torch's threads started
+    with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=ctx, initializer=_worker_init) as pool:
+        for job, (ok, err, secs, log) in zip(jobs, pool.map(compile_job, jobs)):
+            if ok:
+                n_ok += 1
+                continue
+            n_fail += 1
+            more = f" (+{len(job.cases) - 1} more)" if len(job.cases) > 1 else ""
+            print(f"FAIL {job.name} [{job.describe()}] case: {job.cases[0]}{more} :: {err}", flush=True)
+            if a.verbose:
+                print(log, flush=True)
+    if tmp is not None:
+        tmp.cleanup()
+    n_fail += len(setup_errors)
+    print(f"aot_compile: compiling took {time.perf_counter() - t1:.1f} s on {a.jobs} processes; "
+          f"total {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"{n_ok} compiled, {n_fail} failed (triton {triton.__version__})", flush=True)
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one script run on the GPU machine: GPU tests, then the kernel benchmark.
+#
+#   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
+#
+# OUT (default ./gpu_out) receives gpu_tests.log, bench.log, kernels.json and the PNGs.
+# Installs nothing. Exit status: the tests' when they failed, else the benchmark's.
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # a leftover interpreter switch would turn every GPU number into a CPU one
+
+echo "== devices"
+nvidia-smi -L
+echo "== versions"
+python - <<'EOF'
+import importlib.metadata as md
+import platform
+
+import torch
+import triton
+
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
+
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, transformers {version('transformers')}")
+EOF
+
+echo "== GPU tests"
+python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+if [ "$tests_rc" -eq 5 ]; then
+    echo "(no GPU tests collected)"
+    tests_rc=0
+fi
+
+echo "== kernel benchmark"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+python benchmarks/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "== exit: tests rc=$tests_rc, benchmark rc=$bench_rc"
+if [ "$tests_rc" -ne 0 ]; then
+    exit "$tests_rc"
+fi
+exit "$bench_rc"

@@ -1,0 +1,81 @@
+"""Shared test machinery: inputs, the float64 oracle, and the data-derived pass rule.
+
+Pass rule (flash-attn's): the kernel's error against the float64 oracle must be at most twice the
+error of the same-dtype PyTorch reference against that oracle, plus a small floor; never NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hf_triton_attn import flash_attention
+from hf_triton_attn.reference import attention_reference
+
+ON_GPU = os.environ.get("HF_TRITON_ATTN_TEST_DEVICE", "cpu") == "cuda"
+DEVICE = "cuda" if ON_GPU else "cpu"
+BACKEND = "triton" if ON_GPU else "interpret"
+# Absolute floors relative to the output scale: rounding of the final cast to the dtype.
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_qkv(batch, hq, hkv, sq, sk, d, dv, dtype, *, layout="bhsd", device=DEVICE, seed=0):
+    """Random q, k, v (requires_grad) in the SDPA layout; ``layout="bshd"`` gives transposed views."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(b, h, s, e):
+        x = torch.randn(b, s, h, e, generator=g) if layout == "bshd" else torch.randn(b, h, s, e, generator=g)
+        x = x.to(device=device, dtype=dtype)
+        x = x.transpose(1, 2) if layout == "bshd" else x
+        return x.requires_grad_()
+
+    return rnd(batch, hq, sq, d), rnd(batch, hkv, sk, d), rnd(batch, hkv, sk, dv)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None = None) -> float:
+    diff = (a.detach().double() - b.detach().double()).abs()
+    if valid is not None:
+        diff = diff[valid.expand_as(diff)] if valid.shape != diff.shape else diff[valid]
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_pass_rule(name: str, kernel: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor,
+                     dtype: torch.dtype) -> None:
+    assert not torch.isnan(kernel).any(), f"{name}: NaN in kernel output (or an element never written)"
+    err_k = max_err(kernel, oracle)
+    err_r = max_err(ref, oracle)
+    scale = max(float(oracle.abs().max()), 1.0) if oracle.numel() else 1.0
+    bound = 2 * err_r + FLOOR[dtype] * scale
+    assert err_k <= bound, f"{name}: kernel err {err_k:.3e} > bound {bound:.3e} (ref err {err_r:.3e})"
+
+
+def check_against_oracle(q, k, v, *, grad: bool = True, dout_seed: int = 1, **kwargs):
+    """Run the kernel, the same-dtype reference and the float64 oracle; compare out, LSE and grads."""
+    dtype = q.dtype
+    out, lse = flash_attention(q, k, v, backend=BACKEND, return_lse=True, **kwargs)
+    assert out.shape[:-1] == q.shape[:-1] and out.shape[-1] == v.shape[-1]
+    ref_kwargs = dict(kwargs)
+    ref_kwargs.pop("deterministic", None)
+    leaves = (q, k, v)
+    ref_in = [t.detach().clone().requires_grad_() for t in leaves]
+    ora_in = [t.detach().double().requires_grad_() for t in leaves]
+    ref_out = attention_reference(*ref_in, **ref_kwargs)
+    ora_out, ora_lse = attention_reference(*ora_in, return_lse=True, **ref_kwargs)
+
+    assert_pass_rule("out", out, ref_out, ora_out, dtype)
+    finite = torch.isfinite(ora_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "LSE: -inf rows differ from the oracle"
+    lse_scale = max([1.0] + [float(ora_lse[finite].abs().max())] * bool(finite.any()))
+    assert max_err(lse[finite], ora_lse[finite]) <= 1e-3 * lse_scale, "LSE differs from the oracle"
+    if not grad:
+        return out
+    g = torch.Generator(device="cpu").manual_seed(dout_seed)
+    dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
+    ora_grads = torch.autograd.grad(ora_out, ora_in, dout.double())
+    for name, a, r, o in zip(("dq", "dk", "dv"), grads, ref_grads, ora_grads):
+        assert a.shape == o.shape, f"{name}: shape {a.shape} != {o.shape}"
+        assert_pass_rule(name, a, r, o, dtype)
+    return out

@@ -1,0 +1,212 @@
+"""The Triton kernels (interpreted on CPU, compiled on the GPU) against the float64 oracle."""
+
+import pytest
+import torch
+
+from hf_triton_attn import flash_attention
+
+from .helpers import BACKEND, DEVICE, ON_GPU, check_against_oracle, make_qkv
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+pytestmark = pytest.mark.usefixtures("poison")
+
+# (B, Hq, Hkv, Sq, Sk, D, Dv): odd lengths, head dims 1..256 incl. non powers of two, Dv != D.
+SHAPES = [
+    (1, 2, 2, 17, 17, 16, 16),
+    (2, 2, 2, 63, 63, 40, 40),
+    (1, 2, 2, 97, 97, 80, 80),
+    (1, 1, 1, 129, 129, 64, 64),
+    (1, 2, 2, 63, 63, 96, 96),
+    (1, 1, 1, 33, 33, 128, 128),
+    (1, 1, 1, 17, 17, 256, 256),
+    (1, 2, 2, 1, 97, 64, 64),      # decode: Sq = 1
+    (1, 2, 1, 97, 17, 32, 32),     # Sq > Sk: causal rows with no key
+    (1, 2, 2, 17, 63, 32, 16),     # Dv != D
+    (1, 1, 1, 20, 20, 1, 1),       # D = 1
+    (2, 1, 1, 11, 30, 3, 7),       # tiny D, Dv != D
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shapes(shape, causal, dtype):
+    b, hq, hkv, sq, sk, d, dv = shape
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dv, dtype)
+    check_against_oracle(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("hkv", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gqa_mqa(hkv, dtype):
+    q, k, v = make_qkv(2, 4, hkv, 45, 45, 32, 32, dtype)
+    check_against_oracle(q, k, v, causal=True)
+
+
+def _key_masks(batch: int, sk: int) -> dict:
+    right = torch.ones(batch, sk, dtype=torch.bool)
+    right[0, sk // 2:] = False
+    left = torch.ones(batch, sk, dtype=torch.bool)
+    left[-1, : sk - 5] = False
+    holes = torch.rand(batch, sk, generator=torch.Generator().manual_seed(3)) > 0.4
+    holes[0, :40] = False  # a fully masked key block
+    empty = right.clone()
+    empty[0] = False  # a row with no real key at all
+    return {"right": right, "left": left, "holes": holes, "empty_row": empty}
+
+
+@pytest.mark.parametrize("pattern", ["right", "left", "holes", "empty_row"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_mask(pattern, dtype):
+    q, k, v = make_qkv(2, 2, 2, 70, 70, 32, 32, dtype)
+    mask = _key_masks(2, 70)[pattern].to(DEVICE)
+    check_against_oracle(q, k, v, attention_mask=mask)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32])
+def test_attention_and_query_mask_padded_batch(mask_dtype):
+    """A padded encoder batch: pad keys masked, pad query rows skipped and written 0."""
+    q, k, v = make_qkv(3, 2, 2, 66, 66, 32, 32, torch.float32)
+    mask = torch.ones(3, 66, dtype=torch.bool)
+    mask[0, 20:] = False   # right padding
+    mask[1, :50] = False   # left padding
+    mask = mask.to(device=DEVICE, dtype=mask_dtype)
+    out = check_against_oracle(q, k, v, attention_mask=mask, query_mask=mask)
+    assert (out[0, :, 20:] == 0).all() and (out[1, :, :50] == 0).all()
+
+
+def test_causal_mask_gqa_combo():
+    q, k, v = make_qkv(2, 4, 2, 50, 70, 32, 32, torch.float32)
+    mask = _key_masks(2, 70)["holes"].to(DEVICE)
+    check_against_oracle(q, k, v, causal=True, attention_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_seqused_k(dtype):
+    q, k, v = make_qkv(3, 2, 2, 5, 80, 32, 32, dtype)
+    used = torch.tensor([80, 33, 0], dtype=torch.int32, device=DEVICE)
+    check_against_oracle(q, k, v, causal=True, seqused_k=used)
+
+
+@pytest.mark.parametrize("window", [(7, 3), (5, -1), (-1, 4), (0, 0), (40, 0)])
+@pytest.mark.parametrize("sq_sk", [(70, 70), (30, 77), (77, 30)])
+def test_sliding_window(window, sq_sk):
+    q, k, v = make_qkv(1, 2, 2, sq_sk[0], sq_sk[1], 32, 32, torch.float32)
+    check_against_oracle(q, k, v, window_size=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap_alibi(dtype):
+    q, k, v = make_qkv(2, 3, 3, 45, 60, 32, 32, dtype)
+    q = (q.detach() * 3).requires_grad_()  # scores large enough for the cap to bite
+    slopes = torch.tensor([0.5, 0.25, 0.125], device=DEVICE)
+    check_against_oracle(q, k, v, softcap=5.0)
+    check_against_oracle(q, k, v, alibi_slopes=slopes, causal=True)
+    check_against_oracle(q, k, v, softcap=5.0, alibi_slopes=slopes.expand(2, 3).contiguous() * 0.5)
+
+
+def test_softmax_scale():
+    q, k, v = make_qkv(1, 2, 2, 33, 33, 32, 32, torch.float32)
+    check_against_oracle(q, k, v, softmax_scale=0.3, causal=True)
+
+
+def _varlen_inputs(lens_q, lens_k, hq, hkv, d, dv, dtype):
+    g = torch.Generator().manual_seed(5)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, hq, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(tk, hkv, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(tk, hkv, dv, generator=g).to(DEVICE, dtype).requires_grad_()
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    return q, k, v, dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+                         max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(dtype, causal):
+    q, k, v, kw = _varlen_inputs([5, 40, 0, 17], [5, 40, 3, 30], 4, 2, 32, 24, dtype)
+    check_against_oracle(q, k, v, causal=causal, **kw)
+
+
+def test_varlen_window_seqused():
+    q, k, v, kw = _varlen_inputs([33, 20, 7], [33, 41, 7], 2, 2, 32, 32, torch.float32)
+    check_against_oracle(q, k, v, causal=True, window_size=(9, 0), **kw)
+    used = torch.tensor([30, 41, 2], dtype=torch.int32, device=DEVICE)
+    check_against_oracle(q, k, v, causal=True, seqused_k=used, **kw)
+
+
+def test_varlen_softcap_alibi():
+    q, k, v, kw = _varlen_inputs([33, 20], [33, 41], 2, 1, 32, 32, torch.float32)
+    slopes = torch.tensor([[0.3, 0.1], [0.2, 0.05]], device=DEVICE)
+    check_against_oracle(q, k, v, causal=True, softcap=3.0, alibi_slopes=slopes, **kw)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, v = make_qkv(1, 2, 2, 40, 10, 16, 16, torch.float32)
+    out = check_against_oracle(q, k, v, causal=True)  # rows 0..29 see no key
+    assert (out[:, :, :30] == 0).all()
+    flash_attention(q, k, v, causal=True, backend=BACKEND).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_bshd_layout_read_in_place_and_output_layout(monkeypatch):
+    """No hidden copies: the kernel receives the caller's memory; output keeps q's BSHD layout."""
+    from hf_triton_attn.kernels import forward
+
+    q, k, v = make_qkv(2, 3, 3, 33, 33, 32, 32, torch.float32, layout="bshd")
+    seen = {}
+    real = forward.flash_fwd
+
+    def spy(qq, kk, vv, *args, **kwargs):
+        seen.update(q=qq.data_ptr(), k=kk.data_ptr(), v=vv.data_ptr())
+        return real(qq, kk, vv, *args, **kwargs)
+
+    monkeypatch.setattr(forward, "flash_fwd", spy)
+    out = check_against_oracle(q, k, v, causal=True)
+    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_strided_and_expanded_inputs():
+    """Slices of a fused projection (non-contiguous) and stride-0 (expanded) k/v, read in place."""
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(2, 37, 3, 2, 24, generator=g).to(DEVICE)  # (B, S, qkv, H, D)
+    q, k, v = (fused[:, :, i].transpose(1, 2).requires_grad_(False) for i in range(3))
+    check_against_oracle(q, k, v, causal=True, grad=False)
+    k1 = torch.randn(1, 1, 37, 24, generator=g).to(DEVICE)
+    v1 = torch.randn(1, 1, 37, 24, generator=g).to(DEVICE)
+    ke, ve = k1.expand(2, 2, 37, 24), v1.expand(2, 2, 37, 24)
+    assert ke.stride(0) == 0
+    qq = q.detach().clone().requires_grad_()
+    check_against_oracle(qq, ke.requires_grad_(), ve.requires_grad_(), grad=True)
+
+
+def test_empty_inputs():
+    q, k, v = make_qkv(2, 2, 2, 0, 10, 16, 16, torch.float32)
+    out = flash_attention(q, k, v, backend=BACKEND)
+    assert out.shape == (2, 2, 0, 16)
+    q, k, v = make_qkv(0, 2, 2, 5, 10, 16, 16, torch.float32)
+    assert flash_attention(q, k, v, backend=BACKEND).shape == (0, 2, 5, 16)
+    q, k, v = make_qkv(1, 2, 2, 5, 0, 16, 16, torch.float32)
+    out, lse = flash_attention(q, k, v, backend=BACKEND, return_lse=True)  # no key: zeros
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+
+
+def test_deterministic_backward_is_bitwise():
+    q, k, v = make_qkv(1, 4, 2, 70, 70, 32, 32, torch.float32)
+    dout = torch.randn(1, 4, 70, 32, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        out = flash_attention(q, k, v, causal=True, backend=BACKEND, deterministic=True)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_long_sequence_forward():
+    """S = 1025 crosses many key blocks (interpreted: a few seconds)."""
+    q, k, v = make_qkv(1, 1, 1, 1025, 1025, 64, 64, torch.float32)
+    check_against_oracle(q, k, v, causal=True, grad=False)
