@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
 
 import torch
 
@@ -258,7 +257,7 @@ def _launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, 
         is_varlen=is_varlen, dot_precision=_dot_precision(q.dtype, interpret))
 
 
-def _num_seqs(q: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor]) -> int:
+def _num_seqs(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None) -> int:
     return q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
 
 
@@ -336,10 +335,10 @@ class _FlashAttnFunction(torch.autograd.Function):
 # torch.library custom op: what torch.compile sees (opaque to the tracer, with a fake impl).
 @torch.library.custom_op("hf_triton_attn::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-    query_mask: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
-    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    alibi: Optional[torch.Tensor], rng: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+    query_mask: torch.Tensor | None, seqused_k: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    alibi: torch.Tensor | None, rng: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     sm_scale: float, softcap: float, window_left: int, window_right: int, dropout_p: float,
     interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,9 +357,9 @@ def _(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alib
 @torch.library.custom_op("hf_triton_attn::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, key_mask: Optional[torch.Tensor], query_mask: Optional[torch.Tensor],
-    seqused_k: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-    cu_seqlens_k: Optional[torch.Tensor], alibi: Optional[torch.Tensor], rng: Optional[torch.Tensor],
+    lse: torch.Tensor, key_mask: torch.Tensor | None, query_mask: torch.Tensor | None,
+    seqused_k: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, alibi: torch.Tensor | None, rng: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, sm_scale: float, softcap: float, window_left: int,
     window_right: int, dropout_p: float, interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -396,7 +395,7 @@ _flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 # backend choice and the public function
 # ----------------------------------------------------------------------------------------------
 
-def _choose_backend(backend: Optional[str], device: torch.device) -> str:
+def _choose_backend(backend: str | None, device: torch.device) -> str:
     global _warned_cpu_fallback
     if backend is not None:
         return backend
@@ -416,7 +415,7 @@ def _choose_backend(backend: Optional[str], device: torch.device) -> str:
     return "reference"
 
 
-_kernels_interpreted: Optional[bool] = None
+_kernels_interpreted: bool | None = None
 
 
 def _check_backend_usable(interpret: bool, device: torch.device) -> None:
@@ -448,13 +447,13 @@ def _draw_dropout_rng(device: torch.device) -> torch.Tensor:
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-    softmax_scale: Optional[float] = None, dropout_p: float = 0.0,
-    attention_mask: Optional[torch.Tensor] = None, query_mask: Optional[torch.Tensor] = None,
-    seqused_k: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-    cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
-    max_seqlen_k: Optional[int] = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False, return_lse: bool = False,
-    backend: Optional[str] = None,
+    softmax_scale: float | None = None, dropout_p: float = 0.0,
+    attention_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False, return_lse: bool = False,
+    backend: str | None = None,
 ):
     """Exact attention ``softmax(q k^T * scale + bias) v`` without materialising the scores.
 
