@@ -73,6 +73,12 @@ SDPA_BACKENDS: dict[str, SDPBackend] = {
 # Loose sanity bounds (max abs error / max(1, reference magnitude)) for the "ok" flag; the test
 # suite, not this benchmark, owns the real accuracy criteria.
 CHECK_TOL: dict[str, float] = {"fp16": 2e-2, "bf16": 8e-2, "fp32": 1e-2}
+METHOD = (
+    "median of triton.testing.do_bench(warmup=25, rep=100); fwdbwd = forward + out.backward(dout), input "
+    "grads reset to None between reps (no accumulation kernel timed); TFLOP = 4*B*H*Sq*Sk*D, x0.5 causal, "
+    "x3.5 fwdbwd; q/k/v = (B, S, H, D) contiguous .transpose(1, 2), decode K/V (B, Hkv, cache, D) contiguous"
+)
+MODES = ("fwd", "fwdbwd")
 PADDED_SHAPE = {"B": 32, "H": 12, "S": 512, "D": 64}
 PADDED_FILLS = (0.25, 0.6, 1.0)
 DECODE_CACHES = ((1, 8192), (1, 131072), (16, 8192), (64, 2048), (8, 32768))
@@ -147,7 +153,7 @@ def grid_cases(
         dtype_seqlens = [s for s in seqlens if dtype == "fp16" or s in (1024, 4096, 16384) or s < 512]
         for d in head_dims:
             for causal in (False, True):
-                for mode in ("fwd", "fwdbwd"):
+                for mode in MODES:
                     for s in dtype_seqlens:
                         b, h = batch_heads(s, d)
                         cases.append(GridCase(dtype, d, causal, mode, s, b, h))
@@ -193,7 +199,7 @@ def build(name: str, factory: Callable[[], Candidate]) -> Candidate:
     """Call ``factory``; a failure becomes a candidate that records the error instead of running."""
     try:
         return factory()
-    except Exception as exc:  # noqa: BLE001 - any provider failure is data, not a crash
+    except Exception as exc:  # any provider failure is data, not a crash
         return Candidate(name, None, error=short_error(exc))
 
 
@@ -286,14 +292,14 @@ def check(
     """
     try:
         out, grads = run_with_grads(candidate, inputs, dout)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": short_error(exc), "ok": False}
     errors = []
     for ref in references:
         try:
             ref_out, ref_grads = run_with_grads(ref, inputs, dout)
             break
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(f"{ref.name}: {short_error(exc, 120)}")
     else:
         return {"error": "no reference ran: " + "; ".join(errors), "ok": None}
@@ -322,7 +328,7 @@ def time_candidate(
     try:
         with cand.context():
             return bench_ms(fn, bench.device, grad_to_none=list(inputs) if mode == "fwdbwd" else None), None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, short_error(exc)
     finally:
         for t in inputs:
@@ -466,7 +472,7 @@ def sdpa_gqa(
             warnings.simplefilter("ignore")
             run_with_grads(native, (), None)
         return dataclasses.replace(native, note="enable_gqa")
-    except Exception:  # noqa: BLE001 - this backend (or torch) has no native GQA
+    except Exception:  # this backend (or torch) has no native GQA
         k_rep, v_rep = repeated()
         return dataclasses.replace(sdpa(name, q, k_rep, v_rep), note="repeat_interleave outside timing")
 
@@ -506,37 +512,31 @@ def run_decode_case(bench: Bench, hq: int, hkv: int, b: int, cache: int, d: int,
 # --------------------------------------------------------------------------- driver
 
 
-def run_section(bench: Bench, title: str, jobs: Sequence[tuple[str, Callable[[], list[Record]]]]) -> None:
-    """Run ``jobs`` (label, thunk), saving after each and printing one progress line per label."""
+def run_section(bench: Bench, title: str, jobs: Sequence[Callable[[], list[Record]]]) -> None:
+    """Run ``jobs``, freeing memory and saving the JSON after each; print one line for the section."""
     start = time.perf_counter()
-    progress: dict[str, int] = {}
-    for label, job in jobs:
+    for job in jobs:
         bench.records.extend(job())
         free_memory()
         bench.save()
-        progress[label] = progress.get(label, 0) + 1
     bench.meta.setdefault("elapsed_s", {})[title] = round(time.perf_counter() - start, 1)
     print(f"[{title}] {len(jobs)} configs in {bench.meta['elapsed_s'][title]:.0f} s", flush=True)
 
 
 def run_all(bench: Bench, plan: Plan) -> None:
-    """The three sections, in order, each config freed before the next."""
-    grid_jobs = [(f"{c.dtype} D{c.d}", functools.partial(run_grid_case, bench, c)) for c in plan.grid]
-    run_section(bench, "kernels", grid_jobs)
-    padded_jobs = [
-        (
-            "padded",
-            functools.partial(run_padded_case, bench, plan.padded_shape, plan.padded_dtype, fill, mode),
-        )
-        for fill in plan.padded_fills
-        for mode in ("fwd", "fwdbwd")
-    ]
-    run_section(bench, "padded", padded_jobs)
-    decode_jobs = [
-        ("decode", functools.partial(run_decode_case, bench, hq, hkv, b, n, plan.decode_d, plan.decode_dtype))
+    """The three sections, in order."""
+    run_section(bench, "kernels", [functools.partial(run_grid_case, bench, case) for case in plan.grid])
+    padded = functools.partial(run_padded_case, bench, plan.padded_shape, plan.padded_dtype)
+    run_section(
+        bench,
+        "padded",
+        [functools.partial(padded, fill, mode) for fill in plan.padded_fills for mode in MODES],
+    )
+    decode = [
+        functools.partial(run_decode_case, bench, hq, hkv, b, n, plan.decode_d, plan.decode_dtype)
         for hq, hkv, b, n in plan.decode
     ]
-    run_section(bench, "decode", decode_jobs)
+    run_section(bench, "decode", decode)
 
 
 # --------------------------------------------------------------------------- figures and summary
@@ -549,7 +549,7 @@ def make_figures(meta: dict[str, Any], records: Sequence[Record], out: Path) -> 
     for dtype in sorted({r["dtype"] for r in kernels}):
         panels = []
         for d in sorted({r["D"] for r in kernels if r["dtype"] == dtype}):
-            for mode in ("fwd", "fwdbwd"):
+            for mode in MODES:
                 for causal in (False, True):
                     rows = [
                         r
@@ -570,11 +570,9 @@ def make_figures(meta: dict[str, Any], records: Sequence[Record], out: Path) -> 
     padded = [r for r in records if r["bench"] == "padded"]
     if padded:
         r0 = padded[0]
-        panels = [(mode, [r for r in padded if r["mode"] == mode]) for mode in ("fwd", "fwdbwd")]
-        title = (
-            f"padded batch B={r0['B']} H={r0['H']} S={r0['S']} D={r0['D']} {r0['dtype']}, ms"
-            f"\n{meta_title(meta)}"
-        )
+        panels = [(mode, [r for r in padded if r["mode"] == mode]) for mode in MODES]
+        shape = f"B={r0['B']} H={r0['H']} S={r0['S']} D={r0['D']} {r0['dtype']}"
+        title = f"padded batch {shape}, ms\n{meta_title(meta)}"
         path = plot_lines(
             panels, x="fill", y="ms", ylabel="ms", ncols=2, logx=False, path=out / "padded.png", title=title
         )
@@ -626,7 +624,7 @@ def padded_summary(records: Sequence[Record]) -> list[str]:
         f"{'fill':>5} {'work':>5} {'mode':6s} " + " ".join(f"{p:>14s}" for p in providers),
     ]
     for fill in sorted({r["fill_target"] for r in rows}):
-        for mode in ("fwd", "fwdbwd"):
+        for mode in MODES:
             cells = {r["provider"]: r for r in rows if r["fill_target"] == fill and r["mode"] == mode}
             if not cells:
                 continue
@@ -767,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mem_limit=memory_limit_bytes(device),
         )
         bench.meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        bench.meta["method"] = METHOD
         torch.manual_seed(0)
         run_all(bench, make_plan(args))
         meta, records = bench.meta, bench.records

@@ -161,13 +161,22 @@ def max_abs_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
 
 
 def short_error(exc: BaseException, limit: int = 300) -> str:
-    """Exception type with the first and last lines of its message, cut to ``limit`` characters.
+    """Type, first and last message lines of the exception's root cause, cut to ``limit`` characters.
 
-    The last line matters for Triton's CompilationError, whose first line is only a position.
+    Triton's CompilationError is a source excerpt whose first line is a position and whose last
+    line (or chained cause) says what went wrong; other errors are usually one line.
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))
-    return f"{type(exc).__name__}: {text}"[:limit]
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    parts = [] if root is exc else [_summary(exc), "caused by"]
+    return " ".join(parts + [_summary(root)])[:limit]
+
+
+def _summary(exc: BaseException) -> str:
+    """``Type: first line ... last line`` of the message (blank lines and the caret line dropped)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
+    return f"{type(exc).__name__}: " + " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))
 
 
 # --------------------------------------------------------------------------- timing

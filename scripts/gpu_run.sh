@@ -3,7 +3,8 @@
 #
 #   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
 #
-# OUT (default ./gpu_out) receives gpu_tests.log, bench.log, kernels.json and the PNGs.
+# OUT (default ./gpu_out) receives gpu_tests.log, bench.log, kernels.json and the PNGs
+# (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS / BENCH_ARGS / SWEEP_ARGS pass options on.
 # Installs nothing. Exit status: the tests' when they failed, else the benchmark's.
 set -uo pipefail
 
@@ -33,8 +34,9 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
       f"triton {triton.__version__}, transformers {version('transformers')}")
 EOF
 
-echo "== GPU tests"
-python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+echo "== tests on the GPU (the whole suite compiled, plus the gpu-marked large/bf16/sync tests)"
+export HF_TRITON_ATTN_TEST_DEVICE=cuda
+python -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-6}" ${TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 if [ "$tests_rc" -eq 5 ]; then
     echo "(no GPU tests collected)"
@@ -45,6 +47,11 @@ echo "== kernel benchmark"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
 python benchmarks/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
+
+if [ "${SWEEP:-0}" = "1" ]; then
+    echo "== launch-config sweep"
+    python benchmarks/sweep_configs.py --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log"
+fi
 
 echo "== exit: tests rc=$tests_rc, benchmark rc=$bench_rc"
 if [ "$tests_rc" -ne 0 ]; then

@@ -367,19 +367,22 @@ def _bwd_dq_kernel(
 def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, seqused_k,
               cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q: int, max_seqlen_k: int,
               num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
-              dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None) -> None:
+              dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None,
+              config_dq: dict | None = None) -> None:
     """Launch delta, dk/dv and dq kernels. Writes ``delta``, ``dq``, ``dk``, ``dv``; allocates nothing.
 
     Same 4-D view convention as ``forward.flash_fwd``; ``delta`` has the layout of ``lse``.
     ``query_mask`` is only used as a flag: padded query rows carry LSE = -inf from the forward.
+    ``config`` / ``config_dq`` override the launch parameters of the dk/dv and dq kernels.
     """
-    from .configs import block_dim, bwd_config
+    from .configs import block_dim, dkdv_config, dq_config
 
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv_heads = k.shape[1]
     head_dim_v = v.shape[3]
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
-    cfg = dict(config) if config else bwd_config(block_d, block_dv, q.element_size())
+    cfg = dict(config) if config else dkdv_config(block_d, block_dv, q.element_size())
+    cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, q.element_size())
     dummy = lse
     optional = (
         key_mask if key_mask is not None else dummy,
@@ -403,7 +406,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
         HAS_ALIBI=alibi is not None, HAS_KEY_MASK=key_mask is not None,
         HAS_QUERY_MASK=query_mask is not None, HAS_SEQUSED_K=seqused_k is not None,
         IS_VARLEN=is_varlen, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision,
     )
     delta_block = 64
     _bwd_delta_kernel[(triton.cdiv(max_seqlen_q, delta_block), num_seqs * num_heads)](
@@ -414,9 +417,11 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
         q, k, v, do, lse, delta, dk, dv, *optional,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *lse.stride(), *km_strides, *ab_strides, *scalars,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags)
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * num_heads)](
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **flags)
+    _bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg_dq["BLOCK_M"]), num_seqs * num_heads)](
         q, k, v, do, lse, delta, dq, *optional,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *lse.stride(), *km_strides, *ab_strides, *scalars,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags)
+        BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], num_warps=cfg_dq["num_warps"],
+        num_stages=cfg_dq["num_stages"], **flags)

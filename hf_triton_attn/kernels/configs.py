@@ -32,15 +32,29 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
-def bwd_config(block_d: int, block_dv: int, elem_size: int) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages for the dk/dv and dq kernels."""
+def dkdv_config(block_d: int, block_dv: int, elem_size: int) -> dict:
+    """BLOCK_M (query rows streamed), BLOCK_N (keys owned), num_warps, num_stages for dk/dv."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size
     if width <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
     if width <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
     if width <= 512:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
     return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def dq_config(block_d: int, block_dv: int, elem_size: int) -> dict:
+    """BLOCK_M (query rows owned), BLOCK_N (keys streamed), num_warps, num_stages for dq."""
+    if INTERPRETED:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    width = max(block_d, block_dv) * elem_size
+    if width <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
+    if width <= 256:
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    if width <= 512:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
