@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing as mp
 import os
 import sys
+import time
 
 import torch
 from triton.testing import do_bench
@@ -26,16 +28,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def candidates(kind: str, d: int):
-    if kind == "fwd":
-        blocks = [(128, 64), (128, 128), (64, 64), (128, 32), (64, 128)]
-        warps, stages = [4, 8], [2, 3, 4]
-    elif kind == "dkdv":
-        blocks = [(32, 128), (64, 128), (32, 64), (64, 64), (16, 128)]
-        warps, stages = [4, 8], [2, 3]
-    else:
-        blocks = [(128, 32), (128, 64), (64, 64), (64, 32), (128, 128)]
-        warps, stages = [4, 8], [2, 3]
-    for (bm, bn), w, s in itertools.product(blocks, warps, stages):
+    """A pruned space: block shapes that fit Hopper's shared memory at this head dim."""
+    blocks = {
+        "fwd": [(128, 64), (128, 128), (64, 64)],
+        "dkdv": [(32, 128), (64, 128), (32, 64), (64, 64)],
+        "dq": [(128, 32), (128, 64), (64, 64), (64, 32)],
+    }[kind]
+    for (bm, bn), w, s in itertools.product(blocks, (4, 8), (2, 3)):
         if d >= 128 and bm * bn >= 128 * 128 and s > 2:
             continue
         yield dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -63,77 +62,97 @@ def common_args(b, h, s, causal, d):
     )
 
 
-def time_or_none(fn) -> float | None:
+def time_or_none(fn, timed: bool = True) -> float | None:
     try:
         fn()
         torch.cuda.synchronize()
-        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+        return do_bench(fn, warmup=10, rep=40, return_mode="median") if timed else 0.0
     except Exception as exc:  # out of shared memory / registers for this config
-        print(f"    config failed: {type(exc).__name__}: {str(exc)[:100]}")
+        print(f"    config failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
         return None
 
 
-def sweep_one(dtype, d, causal, s):
-    b, h = 16384 // s, 2048 // d
-    mk = lambda: torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2)
-    q, k, v = mk(), mk(), mk()
-    o = torch.empty_like(q)
-    lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
-    args = common_args(b, h, s, causal, d)
-    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    rows = []
-    for cfg in candidates("fwd", d):
-        ms = time_or_none(lambda cfg=cfg: flash_fwd(q, k, v, o, lse, config=cfg, **args))
-        rows.append(("fwd", cfg, ms))
-    flash_fwd(q, k, v, o, lse, **args)
-    do = torch.randn_like(o)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    for kind in ("dkdv", "dq"):
-        for cfg in candidates(kind, d):
-            kw = {"config": cfg} if kind == "dkdv" else {"config_dq": cfg}
-            ms = time_or_none(lambda kw=kw: flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, **kw, **args))
-            rows.append((kind, cfg, ms))
-    out = []
-    for kind, cfg, ms in rows:
-        mult = 1.0 if kind == "fwd" else 2.5
-        out.append(dict(kind=kind, config=cfg, ms=ms, tflops=None if ms is None else flops * mult / ms / 1e9))
-    return out
+_problems: dict = {}
+
+
+def problem(dtype_name: str, d: int, causal: bool, s: int) -> dict:
+    """Inputs, buffers and launcher arguments of one benchmark shape (cached per process)."""
+    key = (dtype_name, d, causal, s)
+    if key not in _problems:
+        _problems.clear()
+        torch.cuda.empty_cache()
+        b, h = 16384 // s, 2048 // d
+        mk = lambda: torch.randn(b, s, h, d, device="cuda", dtype=DTYPES[dtype_name]).transpose(1, 2)
+        q, k, v = mk(), mk(), mk()
+        o = torch.empty_like(q)
+        lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
+        args = common_args(b, h, s, causal, d)
+        flash_fwd(q, k, v, o, lse, **args)
+        _problems[key] = dict(q=q, k=k, v=v, o=o, lse=lse, args=args, do=torch.randn_like(o),
+                              dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
+                              delta=torch.empty_like(lse), flops=4 * b * h * s * s * d * (0.5 if causal else 1.0))
+    return _problems[key]
+
+
+def run_job(job: tuple, timed: bool = True) -> float | None:
+    """job = (dtype, D, causal, S, kind, config): compile (and time) one launch configuration."""
+    dtype_name, d, causal, s, kind, cfg = job
+    p = problem(dtype_name, d, causal, s)
+    if kind == "fwd":
+        fn = lambda: flash_fwd(p["q"], p["k"], p["v"], p["o"], p["lse"], config=cfg, **p["args"])
+    else:
+        kw = {"config": cfg} if kind == "dkdv" else {"config_dq": cfg}
+        fn = lambda: flash_bwd(p["do"], p["q"], p["k"], p["v"], p["o"], p["lse"], p["delta"], p["dq"],
+                               p["dk"], p["dv"], **kw, **p["args"])
+    return time_or_none(fn, timed)
+
+
+def _precompile(job: tuple) -> None:
+    run_job(job, timed=False)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="sweep_out")
-    ap.add_argument("--seqlens", default="1024,4096")
+    ap.add_argument("--seqlens", default="4096")
     ap.add_argument("--dtypes", default="fp16")
     ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--jobs", type=int, default=12, help="processes that compile in parallel first")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    combos = list(itertools.product(args.dtypes.split(","), map(int, args.dims.split(",")), (False, True),
+                                    map(int, args.seqlens.split(","))))
+    jobs = [(dt, d, causal, s, kind, cfg) for dt, d, causal, s in combos
+            for kind in ("fwd", "dkdv", "dq") for cfg in candidates(kind, d)]
+    t0 = time.time()
+    # Compilation is CPU-bound and serial per process: warm Triton's on-disk cache from a pool
+    # (jobs stay grouped by shape, so a worker allocates each problem once), then time serially.
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        pool.map(_precompile, jobs, chunksize=max(1, len(jobs) // (4 * args.jobs)))
+    print(f"precompiled {len(jobs)} configs in {time.time() - t0:.0f} s", flush=True)
     results = {"meta": metadata(), "runs": []}
     summary = []
-    for dt, d, causal, s in itertools.product(
-        args.dtypes.split(","),
-        map(int, args.dims.split(",")),
-        (False, True),
-        map(int, args.seqlens.split(",")),
-    ):
-        print(f"sweep {dt} D={d} causal={causal} S={s}", flush=True)
-        rows = sweep_one(DTYPES[dt], d, causal, s)
+    for dt, d, causal, s in combos:
+        rows = []
+        for job in jobs:
+            if job[:4] == (dt, d, causal, s):
+                ms = run_job(job)
+                mult = 1.0 if job[4] == "fwd" else 2.5
+                flops = problem(dt, d, causal, s)["flops"]
+                rows.append(dict(kind=job[4], config=job[5], ms=ms,
+                                 tflops=None if ms is None else flops * mult / ms / 1e9))
         results["runs"].append(dict(dtype=dt, D=d, causal=causal, S=s, rows=rows))
         for kind in ("fwd", "dkdv", "dq"):
-            ok = [r for r in rows if r["kind"] == kind and r["ms"] is not None]
-            best = min(ok, key=lambda r: r["ms"]) if ok else None
-            if best:
-                c = best["config"]
-                summary.append(
-                    f"{dt} D={d:3d} causal={int(causal)} S={s:5d} {kind:4s} best "
-                    f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} "
-                    f"{best['ms']:.3f} ms"
-                )
-        torch.cuda.empty_cache()
+            ok = sorted((r for r in rows if r["kind"] == kind and r["ms"] is not None), key=lambda r: r["ms"])
+            for rank, r in enumerate(ok[:3]):
+                c = r["config"]
+                summary.append(f"{dt} D={d:3d} causal={int(causal)} S={s:5d} {kind:4s} #{rank + 1} "
+                               f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} "
+                               f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s")
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\n".join(summary))
+    print(f"sweep total {time.time() - t0:.0f} s")
     return 0
 
 

@@ -35,12 +35,19 @@ from concurrent.futures import ProcessPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_MODULES = ("common", "forward", "backward", "dropout")
 TARGET = ("cuda", 90, 32)  # H100: sm_90, warp size 32
+# H100 opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin). Triton checks it
+# only when it loads the cubin on a device, so a compile alone would not catch an oversized tile.
+MAX_SHARED_BYTES = 232448
 # launch keyword arguments that are compile options, not kernel parameters
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "debug")
 
 
 def _prepare_env() -> None:
     """Must run before triton is imported (in the parent and in each worker)."""
+    import warnings
+
+    # Triton 3.9 warns that its fp-fusion default will change; both versions fuse by default.
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     if os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_compile: ignoring TRITON_INTERPRET (this check compiles for the GPU)", flush=True)
     if REPO not in sys.path:
@@ -89,28 +96,36 @@ class Case:
 
 
 PRECISIONS = (("float16", False), ("bfloat16", False), ("float32", False), ("float32", True))
-HEAD_DIMS = (1, 16, 32, 40, 64, 80, 96, 128, 256)  # BLOCK_D 16..256, even and padded
+# fp16: BLOCK_D 16..256 with EVEN_D true (16, 32, 64, 128, 256) and false (1, 40, 80/96)
+HEAD_DIMS = (1, 16, 32, 40, 64, 80, 96, 128, 256)
+# other dtypes: each BLOCK_D 16..256 once, EVEN_D both ways (fp32 IEEE dots compile slowest)
+HEAD_DIMS_SHORT = (1, 32, 40, 80, 256)
 HEAD_DIM_PAIRS = ((64, 128), (128, 64), (40, 256), (256, 16), (1, 96))  # Dv != D
 
 
 def build_cases() -> list[Case]:
+    """Every constexpr branch, dtype, BLOCK_D/BLOCK_DV and block config at least once per kernel.
+
+    Identical specializations (same signature, constexprs, alignment and options) are compiled
+    once, whichever cases produce them.
+    """
     cases: list[Case] = []
-    # every dtype x head dim, plain (no flag): covers every BLOCK_D/BLOCK_DV, EVEN_D and config
+    # the plain case (no flag) in every dtype x head dim: every BLOCK_D/BLOCK_DV, EVEN_D, config
     for dtype, tf32 in PRECISIONS:
-        for d in HEAD_DIMS:
+        for d in HEAD_DIMS if dtype == "float16" else HEAD_DIMS_SHORT:
             cases.append(Case(dtype=dtype, tf32=tf32, d=d))
-    for dtype, tf32 in (("float16", False), ("float32", True)):
-        for d, dv in HEAD_DIM_PAIRS:
-            cases.append(Case(dtype=dtype, tf32=tf32, d=d, dv=dv))
-    # each flag on its own (fp16, D=64; padded D=80 for the masked-load paths)
+    for d, dv in HEAD_DIM_PAIRS:
+        cases.append(Case(d=d, dv=dv))
+    cases.append(Case(dtype="float32", tf32=True, d=40, dv=256))
+    # each flag on its own (fp16, D=64)
     single = [
         dict(causal=True),                              # HAS_RIGHT
         dict(window=(16, -1)),                          # HAS_LEFT
         dict(window=(16, 8)),                           # HAS_LEFT + HAS_RIGHT
         dict(softcap=30.0),                             # HAS_SOFTCAP
-        dict(alibi="h"), dict(alibi="bh"),              # HAS_ALIBI
-        dict(key_mask="bool"), dict(key_mask="int64"), dict(key_mask="int32"),  # HAS_KEY_MASK
-        dict(query_mask="bool"), dict(query_mask="int64"),                      # HAS_QUERY_MASK
+        dict(alibi="h"),                                # HAS_ALIBI
+        dict(key_mask="bool"), dict(key_mask="int64"),  # HAS_KEY_MASK (HF masks are int64)
+        dict(query_mask="bool"),                        # HAS_QUERY_MASK
         dict(seqused_k=True),                           # HAS_SEQUSED_K
         dict(varlen=True),                              # IS_VARLEN
         dict(dropout=0.1),                              # HAS_DROPOUT
@@ -121,25 +136,27 @@ def build_cases() -> list[Case]:
     ]
     for kw in single:
         cases.append(Case(**kw))
-    # realistic combinations, in several dtypes / head dims
+    # realistic combinations
     combos = [
         dict(causal=True, key_mask="int64", query_mask="int64", hkv=1),        # HF padded batch, MQA
-        dict(causal=True, key_mask="bool", hkv=2, bshd=True),                  # HF sdpa layout, GQA
+        dict(causal=True, key_mask="int32", hkv=2, bshd=True),                 # HF sdpa layout, GQA
         dict(varlen=True, window=(32, 0), hkv=2),                              # varlen + sliding window
         dict(varlen=True, causal=True, seqused_k=True),
         dict(softcap=50.0, alibi="h", causal=True),                            # softcap + alibi
         dict(dropout=0.1, causal=True, key_mask="bool"),                       # training step
-        dict(causal=True, window=(16, -1), softcap=30.0, alibi="bh", key_mask="bool",
-             query_mask="bool", seqused_k=True, dropout=0.2, hkv=2),           # every dense flag
-        dict(varlen=True, window=(16, 4), softcap=30.0, alibi="h", seqused_k=True,
-             dropout=0.2, hkv=2),                                              # every varlen flag
     ]
+    every_dense = dict(causal=True, window=(16, -1), softcap=30.0, alibi="bh", key_mask="bool",
+                       query_mask="bool", seqused_k=True, dropout=0.2, hkv=2)
+    every_varlen = dict(varlen=True, window=(16, 4), softcap=30.0, alibi="h", seqused_k=True,
+                        dropout=0.2, hkv=2)
     for kw in combos:
         cases.append(Case(**kw))
-    for dtype, tf32, d in (("bfloat16", False, 80), ("float32", True, 256), ("float32", False, 40),
-                           ("float16", False, 1), ("float16", False, 128)):
-        for kw in (combos[-2], combos[-1]):
-            cases.append(Case(dtype=dtype, tf32=tf32, d=d, **kw))
+    # every flag at once, dense and varlen, across dtypes and block sizes
+    for dtype, tf32, d, kw in (("float16", False, 64, every_dense), ("float16", False, 64, every_varlen),
+                               ("bfloat16", False, 80, every_dense), ("float32", False, 40, every_dense),
+                               ("float32", True, 256, every_varlen), ("float16", False, 1, every_varlen),
+                               ("float16", False, 128, every_dense)):
+        cases.append(Case(dtype=dtype, tf32=tf32, d=d, **kw))
     cases.append(Case(dtype="bfloat16", d=128, dv=256, causal=True, key_mask="int64", hkv=2))
     cases.append(Case(sq=1, sk=1, batch=1, hq=1, hkv=1, d=1, window=(1, 1)))  # every int == 1
     return cases
@@ -278,27 +295,35 @@ def _manual_specialization(fn, args, kwargs):
     return signature, constexprs, {}
 
 
+def _triton_binder(fn):
+    """Triton's own argument binder for ``fn`` on sm_90 (what JITFunction.run uses), or None."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget(*TARGET))
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        if not hasattr(fn, "_pack_args"):
+            raise AttributeError("JITFunction._pack_args")
+        return backend, binder
+    except (ImportError, AttributeError, TypeError) as exc:
+        print(f"aot_compile: Triton's binder is unavailable ({exc!r}); typing arguments by hand", flush=True)
+        return None
+
+
 def specialize(fn, args, kwargs, manual: bool):
     """(signature, constexprs, attrs, options) exactly as JITFunction.run builds them on the GPU."""
     params = {k: v for k, v in kwargs.items() if k not in OPTION_KEYS}
     options = {k: v for k, v in kwargs.items() if k in OPTION_KEYS}
     options.setdefault("debug", False)
-    if not manual:
-        try:
-            from triton.backends.compiler import GPUTarget
-            from triton.compiler import make_backend
-            from triton.runtime.jit import create_function_from_signature
-
-            backend = make_backend(GPUTarget(*TARGET))
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound_args, spec, _ = binder(*args, **params, **options)
-            _, signature, constexprs, attrs = fn._pack_args(backend, dict(params, **options), bound_args,
-                                                            spec, options)
-            return signature, constexprs, attrs, options
-        except (ImportError, AttributeError, TypeError) as exc:
-            print(f"aot_compile: Triton's binder is unavailable ({exc!r}); typing arguments by hand",
-                  flush=True)
-    return (*_manual_specialization(fn, args, params), options)
+    binder = None if manual else _triton_binder(fn)
+    if binder is None:
+        return (*_manual_specialization(fn, args, params), options)
+    backend, bind = binder
+    bound_args, spec, _ = bind(*args, **params, **options)
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(params, **options), bound_args, spec, options)
+    return signature, constexprs, attrs, options
 
 
 class Recorder:
@@ -353,7 +378,11 @@ def collect_jobs(manual: bool) -> tuple[list[Job], list[str]]:
 
     jobs: dict[tuple, Job] = {}
     for fn, args, kwargs, label in recorder.launches:
-        signature, constexprs, attrs, options = specialize(fn, args, kwargs, manual)
+        try:
+            signature, constexprs, attrs, options = specialize(fn, args, kwargs, manual)
+        except Exception as exc:  # the launcher's arguments do not fit the kernel's parameters
+            errors.append(f"SETUP {fn.__name__} launched by {label}: {type(exc).__name__}: {exc}")
+            continue
         job = Job(fn.fn.__module__, fn.__name__, signature, constexprs, attrs, options, [label])
         if job.key() in jobs:
             jobs[job.key()].cases.append(label)
@@ -367,10 +396,7 @@ def collect_jobs(manual: bool) -> tuple[list[Job], list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 def _worker_init() -> None:
-    import warnings
-
     _prepare_env()
-    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
 def _jit_functions() -> dict:
@@ -449,6 +475,9 @@ def compile_job(job: Job) -> tuple[bool, str, float, str]:
             ok, err, log = True, "", ""
             if not kernel.asm.get("cubin"):
                 ok, err = False, "no cubin produced"
+            elif kernel.metadata.shared > MAX_SHARED_BYTES:
+                ok, err = False, (f"OutOfResources: shared memory {kernel.metadata.shared} B > "
+                                  f"{MAX_SHARED_BYTES} B, the H100 limit per block (fails at launch)")
         except Exception as exc:
             ok, log = False, traceback.format_exc()
             err_file.flush()
@@ -461,6 +490,16 @@ def compile_job(job: Job) -> tuple[bool, str, float, str]:
             os.dup2(saved, 2)
             os.close(saved)
     return ok, err, time.perf_counter() - start, log
+
+
+def _expected_cost(job: Job) -> float:
+    """Rough relative compile time: fp32 IEEE dots and big tiles are the slow ones."""
+    names = list(job.signature)
+    consts = {names[k[0]]: v for k, v in job.constexprs.items()}
+    cost = {"_fwd_kernel": 3.0, "_bwd_dkdv_kernel": 3.0, "_bwd_dq_kernel": 2.0}.get(job.name, 0.1)
+    if consts.get("DOT_PRECISION") == "ieee" and job.signature.get("Q") == "*fp32":
+        cost *= 3
+    return cost * (1 + sum(v for k, v in consts.items() if k.startswith("BLOCK_D")) / 256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +525,9 @@ def main() -> int:
     print(f"aot_compile: triton {triton.__version__} from {os.path.dirname(triton.__file__)}; "
           f"hf_triton_attn from {os.path.dirname(hf_triton_attn.__file__)}; "
           f"target {TARGET[0]} sm_{TARGET[1]}", flush=True)
+    if os.environ.get("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "0") not in ("", "0"):
+        print("aot_compile: WARNING: TRITON_ALLOW_NON_CONSTEXPR_GLOBALS is set, so non-constexpr globals "
+              "compile here; they do not on a GPU machine without it", flush=True)
     t0 = time.perf_counter()
     jobs, setup_errors = collect_jobs(a.manual_signature)
     jobs = [j for j in jobs if a.filter in j.name]
@@ -509,17 +551,18 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory(prefix="aot_triton_cache_")
         os.environ["TRITON_CACHE_DIR"] = tmp.name
 
-    # slowest kernels first, so the pool drains evenly
-    cost = {"_bwd_dkdv_kernel": 0, "_bwd_dq_kernel": 1, "_fwd_kernel": 2}
-    jobs.sort(key=lambda j: (cost.get(j.name, 3), -j.constexprs.get((list(j.signature).index("BLOCK_D"),), 0)
-                             if "BLOCK_D" in j.signature else 0))
+    jobs.sort(key=_expected_cost, reverse=True)  # longest first, so the pool drains evenly
     n_ok = n_fail = 0
+    secs_by_kernel: dict[str, float] = {}
+    timings: list[tuple[float, Job]] = []
     t1 = time.perf_counter()
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # no fork after torch's threads started
     with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=ctx, initializer=_worker_init) as pool:
         for job, (ok, err, secs, log) in zip(jobs, pool.map(compile_job, jobs)):
+            secs_by_kernel[job.name] = secs_by_kernel.get(job.name, 0.0) + secs
+            timings.append((secs, job))
             if ok:
                 n_ok += 1
                 continue
@@ -531,6 +574,11 @@ def main() -> int:
     if tmp is not None:
         tmp.cleanup()
     n_fail += len(setup_errors)
+    print("aot_compile: compile seconds per kernel: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in secs_by_kernel.items()), flush=True)
+    if a.verbose:
+        for secs, job in sorted(timings, key=lambda t: -t[0]):
+            print(f"  {secs:6.1f} s {job.name} [{job.describe()}] <- {job.cases[0]}")
     print(f"aot_compile: compiling took {time.perf_counter() - t1:.1f} s on {a.jobs} processes; "
           f"total {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"{n_ok} compiled, {n_fail} failed (triton {triton.__version__})", flush=True)
