@@ -20,7 +20,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import metadata  # noqa: E402
+from benchmarks.common import collect_meta  # noqa: E402
 from hf_triton_attn.kernels.backward import flash_bwd  # noqa: E402
 from hf_triton_attn.kernels.forward import flash_fwd  # noqa: E402
 
@@ -130,7 +130,7 @@ def main() -> int:
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         pool.map(_precompile, jobs, chunksize=max(1, len(jobs) // (4 * args.jobs)))
     print(f"precompiled {len(jobs)} configs in {time.time() - t0:.0f} s", flush=True)
-    results = {"meta": metadata(), "runs": []}
+    results = {"meta": collect_meta("cuda"), "runs": []}
     summary = []
     for dt, d, causal, s in combos:
         rows = []

@@ -508,11 +508,7 @@ def flash_attention(
             max_seqlen_k=max_seqlen_k, window_size=(left, right), softcap=float(softcap),
             alibi_slopes=alibi_slopes, return_lse=return_lse)
 
-    # bool masks are read as bytes (a free view); integer masks as they are.
-    key_mask = attention_mask.view(torch.uint8) if attention_mask is not None and \
-        attention_mask.dtype == torch.bool else attention_mask
-    qmask = query_mask.view(torch.uint8) if query_mask is not None and \
-        query_mask.dtype == torch.bool else query_mask
+    key_mask, qmask = attention_mask, query_mask  # bool or integer, read in place
     alibi = alibi_slopes.float() if alibi_slopes is not None else None
     rng = _draw_dropout_rng(device) if dropout_p > 0 else None
     if is_varlen:

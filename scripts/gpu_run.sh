@@ -40,8 +40,13 @@ export HF_TRITON_ATTN_TEST_DEVICE=cuda
 tests_rc=0
 if [ "${TESTS:-1}" = "1" ]; then
     # shellcheck disable=SC2086
-    python -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log"
+    # small tests in parallel (compilation is the cost), then the large gpu-marked ones alone
+    python -m pytest tests -m "not gpu" -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${TEST_ARGS:-} 2>&1 \
+        | tee "$OUT/gpu_tests.log"
     tests_rc=${PIPESTATUS[0]}
+    python -m pytest tests -m gpu -q -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee -a "$OUT/gpu_tests.log"
+    rc2=${PIPESTATUS[0]}
+    [ "$tests_rc" -eq 0 ] && tests_rc=$rc2
 fi
 if [ "$tests_rc" -eq 5 ]; then
     echo "(no GPU tests collected)"
