@@ -45,7 +45,7 @@ def assert_pass_rule(name: str, kernel: torch.Tensor, ref: torch.Tensor, oracle:
     assert not torch.isnan(kernel).any(), f"{name}: NaN in kernel output (or an element never written)"
     err_k = max_err(kernel, oracle)
     err_r = max_err(ref, oracle)
-    scale = max(float(oracle.abs().max()), 1.0) if oracle.numel() else 1.0
+    scale = max(float(oracle.detach().abs().max()), 1.0) if oracle.numel() else 1.0
     bound = 2 * err_r + FLOOR[dtype] * scale
     assert err_k <= bound, f"{name}: kernel err {err_k:.3e} > bound {bound:.3e} (ref err {err_r:.3e})"
 
