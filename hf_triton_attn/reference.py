@@ -77,7 +77,10 @@ def _dense_attention(
         ok = ok & (query_mask != 0).view(batch, 1, sq, 1)
 
     # Softmax that stays finite (and has finite gradients) when a row has no visible key.
-    m = s.masked_fill(~ok, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    if sk == 0:  # no key at all: every row is empty
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.masked_fill(~ok, float("-inf")).amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     e = torch.where(ok, torch.exp(torch.where(ok, s, m) - m), torch.zeros_like(s))
     denom = e.sum(dim=-1, keepdim=True)

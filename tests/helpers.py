@@ -16,8 +16,11 @@ from hf_triton_attn.reference import attention_reference
 ON_GPU = os.environ.get("HF_TRITON_ATTN_TEST_DEVICE", "cpu") == "cuda"
 DEVICE = "cuda" if ON_GPU else "cpu"
 BACKEND = "triton" if ON_GPU else "interpret"
-# Absolute floors relative to the output scale: rounding of the final cast to the dtype.
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Absolute floors relative to the output scale: rounding of the final cast to the dtype, and for
+# gradients the delta trick (dS = P * (dO.V - dO.O)) whose exact cancellation the eager reference
+# gets for free but an fp32 kernel only to ~1e-6 (tests/test_fuzz.py: Sk = 1, GQA, Sq = 64 gave
+# 2.05e-6 where the oracle is exactly 0).
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_qkv(batch, hq, hkv, sq, sk, d, dv, dtype, *, layout="bhsd", device=DEVICE, seed=0):
