@@ -376,6 +376,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     ``config`` / ``config_dq`` override the launch parameters of the dk/dv and dq kernels.
     """
     from .configs import block_dim, dkdv_config, dq_config
+    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or
 
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv_heads = k.shape[1]
@@ -383,31 +384,13 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     cfg = dict(config) if config else dkdv_config(block_d, block_dv, q.element_size())
     cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, q.element_size())
-    dummy = lse
-    optional = (
-        key_mask if key_mask is not None else dummy,
-        seqused_k if seqused_k is not None else dummy,
-        cu_seqlens_q if cu_seqlens_q is not None else dummy,
-        cu_seqlens_k if cu_seqlens_k is not None else dummy,
-        alibi if alibi is not None else dummy,
-        rng if rng is not None else dummy,
-    )
-    km_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    if alibi is None:
-        ab_strides = (0, 0)
-    elif alibi.dim() == 1:
-        ab_strides = (0, alibi.stride(0))
-    else:
-        ab_strides = (alibi.stride(0), alibi.stride(1))
+    optional = tuple(ptr_or(t, lse) for t in (key_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng))
+    km_strides, ab_strides = mask_strides(key_mask), alibi_strides(alibi)
     scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
                sm_scale, softcap, window_left, window_right, dropout_p)
-    flags = dict(
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi is not None, HAS_KEY_MASK=key_mask is not None,
-        HAS_QUERY_MASK=query_mask is not None, HAS_SEQUSED_K=seqused_k is not None,
-        IS_VARLEN=is_varlen, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=dot_precision,
-    )
+    flags = feature_flags(window_left=window_left, window_right=window_right, softcap=softcap, alibi=alibi,
+                          key_mask=key_mask, query_mask=query_mask, seqused_k=seqused_k, is_varlen=is_varlen,
+                          dropout_p=dropout_p) | dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision)
     delta_block = 64
     _bwd_delta_kernel[(triton.cdiv(max_seqlen_q, delta_block), num_seqs * num_heads)](
         o, do, delta, optional[2], *o.stride(), *do.stride(), *delta.stride(),

@@ -206,36 +206,24 @@ def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, seqused_k, cu_seqlens_q,
     tokens); lse is ``(B, H, S)`` the same way. Optional tensors are None when absent.
     """
     from .configs import block_dim, fwd_config
+    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or
 
     num_heads, head_dim = q.shape[1], q.shape[3]
     kv_group = num_heads // k.shape[1]
     head_dim_v = v.shape[3]
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     cfg = dict(config) if config else fwd_config(block_d, block_dv, q.element_size())
-    dummy = lse
-    km = key_mask if key_mask is not None else dummy
-    qm = query_mask if query_mask is not None else dummy
-    ab_stride = (0, alibi.stride(0)) if alibi is not None and alibi.dim() == 1 else (
-        (alibi.stride(0), alibi.stride(1)) if alibi is not None else (0, 0))
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * num_heads)
     _fwd_kernel[grid](
         q, k, v, o, lse,
-        km, qm,
-        seqused_k if seqused_k is not None else dummy,
-        cu_seqlens_q if cu_seqlens_q is not None else dummy,
-        cu_seqlens_k if cu_seqlens_k is not None else dummy,
-        alibi if alibi is not None else dummy,
-        rng if rng is not None else dummy,
+        *(ptr_or(t, lse) for t in (key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng)),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
-        *(key_mask.stride() if key_mask is not None else (0, 0)),
-        *(query_mask.stride() if query_mask is not None else (0, 0)),
-        *ab_stride,
+        *mask_strides(key_mask), *mask_strides(query_mask), *alibi_strides(alibi),
         max_seqlen_q, max_seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
         sm_scale, softcap, window_left, window_right, dropout_p,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi is not None, HAS_KEY_MASK=key_mask is not None,
-        HAS_QUERY_MASK=query_mask is not None, HAS_SEQUSED_K=seqused_k is not None,
-        IS_VARLEN=is_varlen, HAS_DROPOUT=dropout_p > 0,
+        **feature_flags(window_left=window_left, window_right=window_right, softcap=softcap, alibi=alibi,
+                        key_mask=key_mask, query_mask=query_mask, seqused_k=seqused_k, is_varlen=is_varlen,
+                        dropout_p=dropout_p),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, DOT_PRECISION=dot_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
