@@ -1,8 +1,13 @@
 """hf_triton_attn: one Triton flash-attention kernel, forward and backward, for Hugging Face models."""
 
 from .ops import BACKENDS, flash_attention
+from .patching import PatchReport, patch_model, patched, unpatch_model
 from .reference import attention_reference
+from .registry import Adapter, AdapterKind, Support, register_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "attention_reference", "flash_attention", "__version__"]
+__all__ = [
+    "BACKENDS", "Adapter", "AdapterKind", "PatchReport", "Support", "attention_reference", "flash_attention",
+    "patch_model", "patched", "register_adapter", "unpatch_model", "__version__",
+]

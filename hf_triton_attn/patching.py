@@ -1,0 +1,134 @@
+"""patch_model / unpatch_model / patched(): apply registry adapters to a model's modules.
+
+Patching never touches parameters, buffers or state_dict keys: forward adapters install an
+instance-level ``forward``, and each patch keeps the exact callable that undoes it, stored on the
+model (``model._hf_triton_attn_undo``), so ``unpatch_model`` restores the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from . import patches  # noqa: F401  (registers the built-in adapters)
+from .registry import lookup_adapter
+
+__all__ = ["PatchReport", "patch_model", "unpatch_model", "patched"]
+
+_UNDO_ATTR = "_hf_triton_attn_undo"
+_MARK_ATTR = "_hf_triton_attn_adapter"
+
+
+@dataclass
+class PatchReport:
+    """What ``patch_model`` did: patched module names by adapter, skipped ones with the reason."""
+
+    patched: dict[str, list[str]] = field(default_factory=dict)
+    already_patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_patched(self) -> int:
+        return sum(len(v) for v in self.patched.values())
+
+    def __str__(self) -> str:
+        lines = [f"PatchReport: {self.num_patched} module(s) patched, {len(self.already_patched)} already "
+                 f"patched, {len(self.skipped)} skipped"]
+        for adapter, names in sorted(self.patched.items()):
+            lines.append(f"  patched by {adapter}: {len(names)} (" + ", ".join(names[:4])
+                         + (", ..." if len(names) > 4 else "") + ")")
+        for name, reason in sorted(self.skipped.items()):
+            lines.append(f"  skipped {name}: {reason}")
+        return "\n".join(lines)
+
+
+def _matches(name: str, module: torch.nn.Module, patterns: Iterable[str | type]) -> bool:
+    for p in patterns:
+        if isinstance(p, type) and isinstance(module, p):
+            return True
+        if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
+            return True
+    return False
+
+
+def patch_model(model: torch.nn.Module, *, strict: bool = False,
+                include: Iterable[str | type] | None = None,
+                exclude: Iterable[str | type] | None = None) -> PatchReport:
+    """Route the attention of every servable module of ``model`` through ``flash_attention``.
+
+    Args:
+        model: any ``nn.Module``; its submodules are looked up in the registry by class.
+        strict: raise ValueError listing every module an adapter exists for but cannot serve.
+        include / exclude: module-name glob patterns (``"encoder.layer.1*"``), class names or
+            classes; a module is patched when it matches ``include`` (default: all) and not
+            ``exclude``.
+    Returns:
+        A ``PatchReport``. Patching twice is a no-op (modules already patched are listed as such).
+    """
+    include = list(include) if include is not None else None
+    exclude = list(exclude) if exclude is not None else []
+    report = PatchReport()
+    undo = getattr(model, _UNDO_ATTR, None)
+    if undo is None:
+        undo = []
+        object.__setattr__(model, _UNDO_ATTR, undo)  # a plain attribute: not a submodule, not state
+    for name, module in model.named_modules():
+        adapter = lookup_adapter(module)
+        if adapter is None:
+            continue
+        label = name or type(module).__name__
+        if getattr(module, _MARK_ATTR, None) is not None:
+            report.already_patched.append(label)
+            continue
+        if include is not None and not _matches(name, module, include):
+            report.skipped[label] = "not matched by include"
+            continue
+        if _matches(name, module, exclude):
+            report.skipped[label] = "matched by exclude"
+            continue
+        reasons = adapter.not_supported_reasons(module)
+        if reasons:
+            report.skipped[label] = f"{adapter.name}: " + "; ".join(reasons)
+            continue
+        restore = adapter.apply(module)
+        object.__setattr__(module, _MARK_ATTR, adapter.name)
+        undo.append((module, restore))
+        report.patched.setdefault(adapter.name, []).append(label)
+    if strict:
+        unservable = {n: r for n, r in report.skipped.items() if not r.startswith(("not matched", "matched by"))}
+        if unservable:
+            unpatch_model(model)
+            raise ValueError("patch_model(strict=True): cannot serve "
+                             + "; ".join(f"{n} ({r})" for n, r in sorted(unservable.items())))
+    return report
+
+
+def _undo_to(model: torch.nn.Module, keep: int) -> None:
+    """Undo the patches applied after the first ``keep`` ones, newest first."""
+    undo = getattr(model, _UNDO_ATTR, None) or []
+    while len(undo) > keep:
+        module, restore = undo.pop()
+        restore()
+        object.__delattr__(module, _MARK_ATTR)
+    if not undo and hasattr(model, _UNDO_ATTR):
+        object.__delattr__(model, _UNDO_ATTR)
+
+
+def unpatch_model(model: torch.nn.Module) -> None:
+    """Undo every patch ``patch_model`` applied to ``model``, in reverse order."""
+    _undo_to(model, 0)
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, **kwargs) -> Iterator[PatchReport]:
+    """``with patched(model) as report: ...`` patches on entry; on exit undoes what it patched."""
+    keep = len(getattr(model, _UNDO_ATTR, None) or [])
+    report = patch_model(model, **kwargs)
+    try:
+        yield report
+    finally:
+        _undo_to(model, keep)
