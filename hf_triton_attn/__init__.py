@@ -7,6 +7,15 @@ from .registry import Adapter, AdapterKind, Support, register_adapter
 
 __version__ = "0.1.0"
 
+try:  # the Hugging Face integration is the only module that imports transformers
+    import transformers as _transformers  # noqa: F401
+except ImportError:
+    pass
+else:
+    from .patches import hf_interface as _hf_interface
+
+    _hf_interface.register()
+
 __all__ = [
     "BACKENDS", "Adapter", "AdapterKind", "PatchReport", "Support", "attention_reference", "flash_attention",
     "patch_model", "patched", "register_adapter", "unpatch_model", "__version__",

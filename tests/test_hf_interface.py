@@ -1,0 +1,178 @@
+"""The interface adapter: attn_implementation="hf_triton_attn" against each model's eager attention,
+identical weights, tiny configs, CPU through the interpreted kernels. Padded positions are excluded."""
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import hf_triton_attn  # noqa: E402,F401  (registers the attention name)
+from hf_triton_attn.patches import hf_interface  # noqa: E402
+
+from .helpers import BACKEND, DEVICE  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*must be `None` or an integer.*")
+
+
+@pytest.fixture(autouse=True)
+def kernel_backend(monkeypatch):
+    monkeypatch.setenv("HF_TRITON_ATTN_BACKEND", BACKEND)
+
+
+def _tiny(name: str, impl: str):
+    T = transformers
+    common = dict(vocab_size=97, attn_implementation=impl)
+    if name == "llama":
+        cfg = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, **common)
+        return T.LlamaForCausalLM(cfg)
+    if name == "mistral":
+        cfg = T.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, sliding_window=7, **common)
+        return T.MistralForCausalLM(cfg)
+    if name == "gemma2":
+        cfg = T.Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, sliding_window=9, attn_logit_softcapping=1.5,
+                             query_pre_attn_scalar=16, **common)
+        return T.Gemma2ForCausalLM(cfg)
+    if name == "gpt2":
+        cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2, **common)
+        return T.GPT2LMHeadModel(cfg)
+    if name == "bert":
+        cfg = T.BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           **common)
+        return T.BertModel(cfg)
+    raise ValueError(name)
+
+
+def _pair(name: str):
+    torch.manual_seed(0)
+    ref = _tiny(name, "eager").to(DEVICE).eval()
+    ours = _tiny(name, "hf_triton_attn").to(DEVICE).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _batch(padding: str, length: int = 23):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    if padding == "left":
+        mask[0, :6] = 0
+    else:
+        mask[0, length - 6:] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def _out(model, ids, mask):
+    res = model(input_ids=ids, attention_mask=mask)
+    return res.logits if hasattr(res, "logits") else res.last_hidden_state
+
+
+@pytest.mark.parametrize("name,padding", [("llama", "left"), ("mistral", "left"), ("gemma2", "left"),
+                                          ("gpt2", "left"), ("bert", "right"), ("bert", "left")])
+def test_forward_and_gradients_match_eager(name, padding, monkeypatch):
+    ref, ours = _pair(name)
+    ids, mask = _batch(padding)
+    calls = []
+    real = hf_interface.flash_attention
+    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    a, b = _out(ref, ids, mask), _out(ours, ids, mask)
+    assert len(calls) == 2, "every layer must run the kernel (no eager fallback)"
+    real = mask.bool()
+    torch.testing.assert_close(b[real], a[real], atol=1e-4, rtol=1e-4)
+    # gradients of every parameter through a loss on real positions only
+    (a[real].pow(2).mean()).backward()
+    (b[real].pow(2).mean()).backward()
+    for (n1, p1), (_, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=n1: f"{n}: {m}")
+
+
+def test_kernel_path_really_runs(monkeypatch):
+    ref, ours = _pair("llama")
+    calls = []
+    real = hf_interface.flash_attention
+    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ids, mask = _batch("left")
+    _out(ours, ids, mask)
+    assert len(calls) == 2 and calls[0]["causal"] and calls[0]["attention_mask"] is not None
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_generate_with_left_padding_matches_eager(cache):
+    ref, ours = _pair("llama")
+    ids, mask = _batch("left", 11)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    a = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+    b = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(a, b)
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path):
+    ref, _ = _pair("gpt2")
+    ref.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_triton_attn")
+    assert loaded.config._attn_implementation == "hf_triton_attn"
+    ids, mask = _batch("left")
+    torch.testing.assert_close(_out(loaded.eval(), ids, mask)[mask.bool()], _out(ref, ids, mask)[mask.bool()],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_output_attentions_takes_the_exact_eager_path():
+    ref, ours = _pair("llama")
+    ids, mask = _batch("left")
+    hf_interface._warned.clear()
+    with pytest.warns(UserWarning, match="output_attentions=True"):
+        b = ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+    a = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+    real = mask.bool()
+    torch.testing.assert_close(b.logits[real], a.logits[real], atol=1e-5, rtol=1e-5)
+    assert b.attentions is not None and b.attentions[0].shape == a.attentions[0].shape
+
+
+def test_unknown_kwarg_and_4d_mask_fall_back_exactly():
+    _, ours = _pair("llama")
+    attn = ours.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 16, generator=g)
+    k = torch.randn(2, 2, 9, 16, generator=g)
+    v = torch.randn(2, 2, 9, 16, generator=g)
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    hf_interface._warned.clear()
+    with pytest.warns(UserWarning, match="unsupported argument"):
+        out, _ = hf_interface.attention_forward(attn, q, k, v, None, scaling=0.25, s_aux=torch.zeros(4))
+    bias = torch.zeros(2, 1, 9, 9)
+    bias[..., 3] = -1.0  # an arbitrary additive 4-D mask: only the eager path can apply it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out4, _ = hf_interface.attention_forward(attn, q, k, v, bias, scaling=0.25)
+    ref4, _ = eager_attention_forward(attn, q, k, v, bias, scaling=0.25)
+    torch.testing.assert_close(out4, ref4)
+    assert out.shape == (2, 9, 4, 16)
+
+
+def test_padding_free_batches_use_varlen(monkeypatch):
+    """cu_seq_lens_* from DataCollatorWithFlattening reach the kernel's varlen path, exactly."""
+    ref, ours = _pair("llama")
+    calls = []
+    real = hf_interface.flash_attention
+    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    lens = [7, 12, 4]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collate([{"input_ids": s.tolist()} for s in seqs])
+    batch.pop("labels", None)
+    packed = ours(**{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}).logits[0]
+    assert calls and calls[0]["cu_seqlens_q"] is not None
+    start = 0
+    for s in seqs:
+        alone = ref(input_ids=s[None].to(DEVICE)).logits[0]
+        torch.testing.assert_close(packed[start:start + len(s)], alone, atol=1e-4, rtol=1e-4)
+        start += len(s)
