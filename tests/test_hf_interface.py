@@ -176,3 +176,14 @@ def test_padding_free_batches_use_varlen(monkeypatch):
         alone = ref(input_ids=s[None].to(DEVICE)).logits[0]
         torch.testing.assert_close(packed[start:start + len(s)], alone, atol=1e-4, rtol=1e-4)
         start += len(s)
+
+
+def test_set_attn_implementation_on_a_loaded_model():
+    ref, _ = _pair("llama")
+    model = _tiny("llama", "eager").to(DEVICE).eval()
+    model.load_state_dict(ref.state_dict())
+    model.set_attn_implementation("hf_triton_attn")
+    assert model.model.layers[0].self_attn.config._attn_implementation == "hf_triton_attn"
+    ids, mask = _batch("left")
+    torch.testing.assert_close(_out(model, ids, mask)[mask.bool()], _out(ref, ids, mask)[mask.bool()],
+                               atol=1e-4, rtol=1e-4)
