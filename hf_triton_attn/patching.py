@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import patches  # noqa: F401  (registers the built-in adapters)
-from .registry import lookup_adapter
+from .registry import AdapterKind, lookup_adapter
 
 __all__ = ["PatchReport", "patch_model", "unpatch_model", "patched"]
 
@@ -76,13 +76,18 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
     if undo is None:
         undo = []
         object.__setattr__(model, _UNDO_ATTR, undo)  # a plain attribute: not a submodule, not state
+    covered: list[tuple[str, object]] = []  # (name prefix, adapter) of whole-model patches
     for name, module in model.named_modules():
         adapter = lookup_adapter(module)
         if adapter is None:
             continue
+        if any(a is adapter and (not prefix or name.startswith(prefix + ".")) for prefix, a in covered):
+            continue  # inside a model this adapter already switched as a whole (e.g. LlamaModel in ForCausalLM)
         label = name or type(module).__name__
         if getattr(module, _MARK_ATTR, None) is not None:
             report.already_patched.append(label)
+            if adapter.kind is not AdapterKind.FORWARD:
+                covered.append((name, adapter))
             continue
         if include is not None and not _matches(name, module, include):
             report.skipped[label] = "not matched by include"
@@ -95,6 +100,8 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
             report.skipped[label] = f"{adapter.name}: " + "; ".join(reasons)
             continue
         restore = adapter.apply(module)
+        if adapter.kind is not AdapterKind.FORWARD:
+            covered.append((name, adapter))
         object.__setattr__(module, _MARK_ATTR, adapter.name)
         undo.append((module, restore))
         report.patched.setdefault(adapter.name, []).append(label)

@@ -187,3 +187,40 @@ def test_set_attn_implementation_on_a_loaded_model():
     ids, mask = _batch("left")
     torch.testing.assert_close(_out(model, ids, mask)[mask.bool()], _out(ref, ids, mask)[mask.bool()],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_patch_model_switches_and_unpatch_restores(monkeypatch):
+    ref, _ = _pair("llama")
+    model = _tiny("llama", "eager").to(DEVICE).eval()
+    model.load_state_dict(ref.state_dict())
+    keys = list(model.state_dict())
+    report = hf_triton_attn.patch_model(model)
+    assert report.patched == {"hf_interface": ["LlamaForCausalLM"]}, str(report)
+    assert model.config._attn_implementation == "hf_triton_attn"
+    again = hf_triton_attn.patch_model(model)
+    assert again.num_patched == 0 and again.already_patched == ["LlamaForCausalLM"]
+    calls = []
+    real = hf_interface.flash_attention
+    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ids, mask = _batch("left")
+    torch.testing.assert_close(_out(model, ids, mask)[mask.bool()], _out(ref, ids, mask)[mask.bool()],
+                               atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2 and list(model.state_dict()) == keys
+    hf_triton_attn.unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+    n = len(calls)
+    _out(model, ids, mask)
+    assert len(calls) == n
+
+
+def test_models_that_bypass_the_interface_are_reported():
+    cfg = transformers.GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
+                                    attention_types=[[["global", "local"], 1]], window_size=4)
+    model = transformers.GPTNeoForCausalLM(cfg)
+    report = hf_triton_attn.patch_model(model)
+    if report.num_patched:  # this transformers routes GPT-Neo through the interface
+        assert model.config._attn_implementation == "hf_triton_attn"
+    else:
+        assert "picks its attention at construction" in report.skipped["GPTNeoForCausalLM"]
+        with pytest.raises(ValueError, match="cannot serve GPTNeoForCausalLM"):
+            hf_triton_attn.patch_model(model, strict=True)

@@ -183,7 +183,10 @@ def test_registry_lookup_subclasses_and_user_adapters():
 
 
 def test_readme_table_is_generated_from_the_registry():
+    """The README documents the registry as installed with transformers (the HF adapters register then)."""
     import pathlib
+
+    pytest.importorskip("transformers")
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("<!-- supported-classes:start -->\n")[1].split("\n<!-- supported-classes:end -->")[0]

@@ -33,6 +33,7 @@ from transformers.masking_utils import (
 
 from ..ops import flash_attention
 from ..reference import allowed_positions
+from ..registry import Adapter, AdapterKind, Support, register_adapter
 
 NAME = "hf_triton_attn"
 # kwargs that models pass along and that change nothing in the attention itself
@@ -177,3 +178,45 @@ def register() -> None:
     """Make ``attn_implementation="hf_triton_attn"`` resolvable (called on ``import hf_triton_attn``)."""
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_function)
+
+
+# ----------------------------------------------------------------------------------------------
+# patch_model support: switch a model (and its sub-models) to this implementation, undoably
+# ----------------------------------------------------------------------------------------------
+
+def _interface_models(model: torch.nn.Module) -> list:
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules()
+            if isinstance(m, PreTrainedModel) and getattr(type(m), "_supports_attention_backend", False)]
+
+
+def _apply(model: torch.nn.Module):
+    """Set ``config._attn_implementation`` to ours on the model and every sub-model's config."""
+    previous: list[tuple[object, str | None]] = []
+    for sub in _interface_models(model):
+        cfg = sub.config
+        if all(cfg is not seen for seen, _ in previous):
+            previous.append((cfg, cfg._attn_implementation_internal))
+            cfg._attn_implementation_internal = NAME
+
+    def undo() -> None:
+        for cfg, value in reversed(previous):
+            cfg._attn_implementation_internal = value
+    return undo
+
+
+def _check(model: torch.nn.Module) -> list[str]:
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return [f"{type(model).__name__} picks its attention at construction, not through AttentionInterface"]
+    return []
+
+
+HF_INTERFACE = register_adapter(Adapter(
+    name="hf_interface",
+    kind=AdapterKind.INTERFACE,
+    classes=("transformers.modeling_utils:PreTrainedModel",),
+    apply=_apply,
+    support=Support(notes="anything unsupported runs the model's eager attention, exactly"),
+    checks=(_check,),
+))
