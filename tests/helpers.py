@@ -82,3 +82,16 @@ def check_against_oracle(q, k, v, *, grad: bool = True, dout_seed: int = 1, **kw
         assert a.shape == o.shape, f"{name}: shape {a.shape} != {o.shape}"
         assert_pass_rule(name, a, r, o, dtype)
     return out
+
+
+def spy_on(monkeypatch, module, name: str = "flash_attention") -> list:
+    """Record the kwargs of every call to ``module.<name>`` (still calling it): proves a path ran."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import hf_triton_attn  # noqa: E402,F401  (registers the attention name)
 from hf_triton_attn.patches import hf_interface  # noqa: E402
 
-from .helpers import BACKEND, DEVICE  # noqa: E402
+from .helpers import BACKEND, DEVICE, spy_on  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*must be `None` or an integer.*")
 
@@ -76,9 +76,7 @@ def _out(model, ids, mask):
 def test_forward_and_gradients_match_eager(name, padding, monkeypatch):
     ref, ours = _pair(name)
     ids, mask = _batch(padding)
-    calls = []
-    real = hf_interface.flash_attention
-    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls = spy_on(monkeypatch, hf_interface)
     a, b = _out(ref, ids, mask), _out(ours, ids, mask)
     assert len(calls) == 2, "every layer must run the kernel (no eager fallback)"
     real = mask.bool()
@@ -93,9 +91,7 @@ def test_forward_and_gradients_match_eager(name, padding, monkeypatch):
 
 def test_kernel_path_really_runs(monkeypatch):
     ref, ours = _pair("llama")
-    calls = []
-    real = hf_interface.flash_attention
-    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls = spy_on(monkeypatch, hf_interface)
     ids, mask = _batch("left")
     _out(ours, ids, mask)
     assert len(calls) == 2 and calls[0]["causal"] and calls[0]["attention_mask"] is not None
@@ -160,9 +156,7 @@ def test_unknown_kwarg_and_4d_mask_fall_back_exactly():
 def test_padding_free_batches_use_varlen(monkeypatch):
     """cu_seq_lens_* from DataCollatorWithFlattening reach the kernel's varlen path, exactly."""
     ref, ours = _pair("llama")
-    calls = []
-    real = hf_interface.flash_attention
-    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls = spy_on(monkeypatch, hf_interface)
     lens = [7, 12, 4]
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
@@ -199,9 +193,7 @@ def test_patch_model_switches_and_unpatch_restores(monkeypatch):
     assert model.config._attn_implementation == "hf_triton_attn"
     again = hf_triton_attn.patch_model(model)
     assert again.num_patched == 0 and again.already_patched == ["LlamaForCausalLM"]
-    calls = []
-    real = hf_interface.flash_attention
-    monkeypatch.setattr(hf_interface, "flash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls = spy_on(monkeypatch, hf_interface)
     ids, mask = _batch("left")
     torch.testing.assert_close(_out(model, ids, mask)[mask.bool()], _out(ref, ids, mask)[mask.bool()],
                                atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ import torch
 from hf_triton_attn import Adapter, AdapterKind, patch_model, patched, register_adapter, unpatch_model
 from hf_triton_attn.registry import lookup_adapter, registered_adapters, supported_classes_markdown, unregister_adapter
 
-from .helpers import BACKEND, DEVICE
+from .helpers import BACKEND, DEVICE, spy_on
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +49,9 @@ def test_mha_self_attention_with_padding_matches_torch(batch_first, monkeypatch)
     mod = copy.deepcopy(ref)
     report = patch_model(mod)
     assert report.patched == {"torch_mha": ["MultiheadAttention"]}
-    calls = []
     from hf_triton_attn.patches import torch_mha
-    real = torch_mha.flash_attention
-    monkeypatch.setattr(torch_mha, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    calls = spy_on(monkeypatch, torch_mha)
     x = _seq(3, 37)
     x = x if batch_first else x.detach().transpose(0, 1).requires_grad_()
     pad = torch.zeros(3, 37, dtype=torch.bool, device=DEVICE)
@@ -97,9 +96,8 @@ def test_encoder_layer_trains_on_the_patched_attention(monkeypatch):
     mod = copy.deepcopy(ref)
     patch_model(mod)
     from hf_triton_attn.patches import torch_mha
-    calls = []
-    real = torch_mha.flash_attention
-    monkeypatch.setattr(torch_mha, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    calls = spy_on(monkeypatch, torch_mha)
     ref.train()
     mod.train()
     x = _seq(2, 21)
