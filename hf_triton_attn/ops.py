@@ -163,14 +163,12 @@ def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, quer
         if k.shape[0] != num_seqs or v.shape[0] != num_seqs:
             _fail(ValueError, "k, v", f"of q's batch size {num_seqs}", f"k {tuple(k.shape)}, v {tuple(v.shape)}")
         batch_shape = (num_seqs,)
-    seq_dim = 0 if is_varlen else 2
-    head_dim_axis = k.dim() - 1
+    seq_dim = 0 if is_varlen else 2  # heads are dim 1 in both layouts, head dim the last
     if v.shape[seq_dim] != k.shape[seq_dim]:
         _fail(ValueError, "v", f"of k's sequence length {k.shape[seq_dim]}", f"shape {tuple(v.shape)}")
-    kv_head_axis = 1
-    if v.shape[kv_head_axis] != hkv:
+    if v.shape[1] != hkv:
         _fail(ValueError, "v", f"of k's number of heads {hkv}", f"shape {tuple(v.shape)}")
-    if k.shape[head_dim_axis] != d:
+    if k.shape[-1] != d:
         _fail(ValueError, "k", f"of q's head dim {d}", f"shape {tuple(k.shape)}")
     if hkv == 0 or hq % hkv != 0:
         _fail(ValueError, "k", f"a number of heads dividing q's {hq} (GQA/MQA)", f"{hkv} heads")
@@ -305,24 +303,15 @@ def _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_
     return dq, dk, dv
 
 
-_SAVED_TENSOR_ARGS = ("key_mask", "query_mask", "seqused_k", "cu_seqlens_q", "cu_seqlens_k", "alibi", "rng")
-
-
 class _FlashAttnFunction(torch.autograd.Function):
-    """Eager path: calls the launchers directly (cheaper than the custom op's dispatch)."""
+    """Eager path: calls the launchers directly (cheaper than the custom op's dispatch).
+
+    Saves exactly what the custom op's autograd registration saves (``_op_setup_context``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
-                max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
-                interpret):
-        out, lse = _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k,
-                                 alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left,
-                                 window_right, dropout_p, interpret)
-        ctx.save_for_backward(q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
-                              cu_seqlens_k, alibi, rng)
-        ctx.scalars = (max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
-                       dropout_p, interpret)
-        ctx.mark_non_differentiable(lse)
+    def forward(ctx, *args):
+        out, lse = _forward_impl(*args)
+        _op_setup_context(ctx, args, (out, lse))
         return out, lse
 
     @staticmethod
