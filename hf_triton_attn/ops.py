@@ -74,7 +74,7 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("HF_TRITON_ATTN_VALIDATE", "0") == "1"
 
 
-def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, query_mask, seqused_k,
+def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, query_mask, segment_ids, seqused_k,
               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size, softcap,
               alibi_slopes, backend) -> tuple[bool, int, tuple[int, int]]:
     """Raise on any bad input. Returns (is_varlen, number of sequences, (left, right) window)."""
@@ -134,7 +134,8 @@ def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, quer
         for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if not isinstance(m, int) or isinstance(m, bool) or m < 0:
                 _fail(TypeError, name, "a Python int >= 0", _describe(m))
-        for name, m in (("attention_mask", attention_mask), ("query_mask", query_mask)):
+        for name, m in (("attention_mask", attention_mask), ("query_mask", query_mask),
+                        ("segment_ids", segment_ids)):
             if m is not None:
                 _fail(ValueError, name, "None in varlen mode (padding-free batches have no padding)",
                       _describe(m))
@@ -181,6 +182,14 @@ def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, quer
         _check_mask("attention_mask", attention_mask, batch_shape + (sk,), device)
     if query_mask is not None:
         _check_mask("query_mask", query_mask, batch_shape + (sq,), device)
+    if segment_ids is not None:
+        _check_tensor("segment_ids", segment_ids, device)
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+            _fail(TypeError, "segment_ids", "an integer tensor", f"dtype {segment_ids.dtype}")
+        if tuple(segment_ids.shape) != batch_shape + (sq,):
+            _fail(ValueError, "segment_ids", f"of shape {batch_shape + (sq,)}", f"shape {tuple(segment_ids.shape)}")
+        if sq != sk:
+            _fail(ValueError, "segment_ids", "used with Sq == Sk (packed self-attention)", f"Sq {sq}, Sk {sk}")
     if seqused_k is not None:
         _check_tensor("seqused_k", seqused_k, device)
         if seqused_k.dtype != torch.int32:
@@ -244,11 +253,11 @@ def _dot_precision(dtype: torch.dtype, interpret: bool) -> str:
     return "ieee"
 
 
-def _launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, cu_seqlens_q,
+def _launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                  cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                  window_left, window_right, dropout_p, interpret) -> dict:
     return dict(
-        key_mask=key_mask, query_mask=query_mask, seqused_k=seqused_k, cu_seqlens_q=cu_seqlens_q,
+        key_mask=key_mask, query_mask=query_mask, segments=segments, seqused_k=seqused_k, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, alibi=alibi, rng=rng, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, num_seqs=num_seqs, sm_scale=sm_scale, softcap=softcap,
         window_left=window_left, window_right=window_right, dropout_p=dropout_p,
@@ -259,7 +268,7 @@ def _num_seqs(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None) -> int:
     return q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
 
 
-def _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
+def _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
                   max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
                   dropout_p, interpret):
     _check_backend_usable(interpret, q.device)
@@ -274,13 +283,13 @@ def _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seq
     flash_fwd(
         _as_4d(q, num_seqs, is_varlen), _as_4d(k, num_seqs, is_varlen), _as_4d(v, num_seqs, is_varlen),
         _as_4d(out, num_seqs, is_varlen), _as_3d_rows(lse, num_seqs, is_varlen),
-        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, cu_seqlens_q,
+        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                        cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                        window_left, window_right, dropout_p, interpret))
     return out, lse
 
 
-def _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+def _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                    cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                    window_left, window_right, dropout_p, interpret):
     is_varlen = cu_seqlens_q is not None
@@ -297,7 +306,7 @@ def _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_
         _as_4d(out, num_seqs, is_varlen), _as_3d_rows(lse, num_seqs, is_varlen),
         _as_3d_rows(delta, num_seqs, is_varlen), _as_4d(dq, num_seqs, is_varlen),
         _as_4d(dk, num_seqs, is_varlen), _as_4d(dv, num_seqs, is_varlen),
-        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, seqused_k, cu_seqlens_q,
+        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                        cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                        window_left, window_right, dropout_p, interpret))
     return dq, dk, dv
@@ -318,26 +327,26 @@ class _FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
-        return (dq, dk, dv) + (None,) * 15
+        return (dq, dk, dv) + (None,) * 16
 
 
 # torch.library custom op: what torch.compile sees (opaque to the tracer, with a fake impl).
 @torch.library.custom_op("hf_triton_attn::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-    query_mask: torch.Tensor | None, seqused_k: torch.Tensor | None,
+    query_mask: torch.Tensor | None, segments: torch.Tensor | None, seqused_k: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     alibi: torch.Tensor | None, rng: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     sm_scale: float, softcap: float, window_left: int, window_right: int, dropout_p: float,
     interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
+    return _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
                          rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
                          dropout_p, interpret)
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q,
+def _(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q,
       max_seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, interpret):
     is_varlen = cu_seqlens_q is not None
     return _empty_out(q, v.shape[-1], is_varlen), _empty_lse(q, is_varlen)
@@ -347,12 +356,12 @@ def _(q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alib
 def _flash_attn_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, key_mask: torch.Tensor | None, query_mask: torch.Tensor | None,
-    seqused_k: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+    segments: torch.Tensor | None, seqused_k: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, alibi: torch.Tensor | None, rng: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, sm_scale: float, softcap: float, window_left: int,
     window_right: int, dropout_p: float, interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+    return _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                           cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                           window_left, window_right, dropout_p, interpret)
 
@@ -363,9 +372,9 @@ def _(dout, q, k, v, *args):
 
 
 def _op_setup_context(ctx, inputs, output):
-    (q, k, v, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, *scalars) = inputs
+    (q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, *scalars) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask, query_mask, seqused_k, cu_seqlens_q,
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                           cu_seqlens_k, alibi, rng)
     ctx.scalars = tuple(scalars)
     ctx.mark_non_differentiable(lse)
@@ -374,7 +383,7 @@ def _op_setup_context(ctx, inputs, output):
 def _op_backward(ctx, dout, _dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 15
+    return (dq, dk, dv) + (None,) * 16
 
 
 _flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -429,6 +438,22 @@ def _check_backend_usable(interpret: bool, device: torch.device) -> None:
                          "(Triton fixes the mode at import)")
 
 
+def segment_bounds(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) segment ids -> (B, 2, S) int32 ``[start, end)`` of each token's run of equal ids.
+
+    Vectorised (cummax / reversed cummin), no host sync. A run boundary is any change of id.
+    """
+    batch, length = segment_ids.shape
+    idx = torch.arange(length, device=segment_ids.device, dtype=torch.int32).expand(batch, length)
+    boundary = torch.ones_like(segment_ids, dtype=torch.bool)
+    boundary[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(boundary, idx, 0).cummax(dim=1).values
+    next_start = torch.where(boundary, idx, length)  # a run ends where the next one starts
+    after = torch.cat([next_start[:, 1:], next_start.new_full((batch, 1), length)], dim=1)
+    end = after.flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([start, end], dim=1).to(torch.int32)
+
+
 def _draw_dropout_rng(device: torch.device) -> torch.Tensor:
     """int64 [seed, offset] drawn from torch's generator on ``device``: no host sync, replayable."""
     return torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64)
@@ -442,7 +467,7 @@ def flash_attention(
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None, deterministic: bool = False, return_lse: bool = False,
-    backend: str | None = None,
+    backend: str | None = None, segment_ids: torch.Tensor | None = None,
 ):
     """Exact attention ``softmax(q k^T * scale + bias) v`` without materialising the scores.
 
@@ -463,6 +488,10 @@ def flash_attention(
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 = unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: ``(Hq,)`` or ``(B, Hq)``: bias ``-slope * |i + Sk - Sq - j|`` after scaling.
+        segment_ids: ``(B, S)`` integers (dense layout, Sq == Sk): several sequences packed in one
+            row; each run of equal consecutive ids is one sequence and tokens see only their own
+            run (combined with ``causal``, windows and masks). HF's packed ``position_ids``
+            without ``cu_seq_lens`` arrive this way; no host sync.
         deterministic: accepted for FlashAttention compatibility; the backward never uses atomics,
             so it is always bitwise reproducible.
         return_lse: also return the natural-log LSE, ``(B, Hq, Sq)`` or ``(Hq, total_q)``, -inf
@@ -478,7 +507,7 @@ def flash_attention(
     """
     is_varlen, num_seqs, (left, right) = _validate(
         q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-        attention_mask=attention_mask, query_mask=query_mask, seqused_k=seqused_k,
+        attention_mask=attention_mask, query_mask=query_mask, segment_ids=segment_ids, seqused_k=seqused_k,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, backend=backend)
@@ -495,7 +524,7 @@ def flash_attention(
             attention_mask=attention_mask, query_mask=query_mask, seqused_k=seqused_k,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, window_size=(left, right), softcap=float(softcap),
-            alibi_slopes=alibi_slopes, return_lse=return_lse)
+            alibi_slopes=alibi_slopes, return_lse=return_lse, segment_ids=segment_ids)
 
     key_mask, qmask = attention_mask, query_mask  # bool or integer, read in place
     alibi = alibi_slopes.float() if alibi_slopes is not None else None
@@ -504,7 +533,8 @@ def flash_attention(
         max_sq, max_sk = int(max_seqlen_q), int(max_seqlen_k)
     else:
         max_sq, max_sk = q.shape[2], k.shape[2]
-    args = (q, k, v, key_mask, qmask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_sq, max_sk,
+    segments = segment_bounds(segment_ids) if segment_ids is not None else None
+    args = (q, k, v, key_mask, qmask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_sq, max_sk,
             sm_scale, float(softcap), left, right, float(dropout_p), chosen == "interpret")
     # Eager calls bypass the custom op's dispatcher: host time per call with the launch stubbed,
     # measured on this project's 2-core CPU machine (2026-11-25): autograd.Function.apply 17.2 us,

@@ -65,7 +65,9 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
         strict: raise ValueError listing every module an adapter exists for but cannot serve.
         include / exclude: module-name glob patterns (``"encoder.layer.1*"``), class names or
             classes; a module is patched when it matches ``include`` (default: all) and not
-            ``exclude``.
+            ``exclude``. Inside a Hugging Face model switched as a whole (the interface adapter),
+            the patterns select its attention modules one by one (``"model.layers.0.self_attn"``,
+            ``"LlamaAttention"``); the unselected ones keep running the model's eager attention.
     Returns:
         A ``PatchReport``. Patching twice is a no-op (modules already patched are listed as such).
     """
@@ -77,6 +79,8 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
         undo = []
         object.__setattr__(model, _UNDO_ATTR, undo)  # a plain attribute: not a submodule, not state
     covered: list[tuple[str, object]] = []  # (name prefix, adapter) of whole-model patches
+    model_wide_skips: list[tuple[str, str]] = []  # (name, label) of models a model-wide adapter skipped
+    patched_names: list[str] = []
     for name, module in model.named_modules():
         adapter = lookup_adapter(module)
         if adapter is None:
@@ -89,24 +93,50 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
             if adapter.kind is not AdapterKind.FORWARD:
                 covered.append((name, adapter))
             continue
-        if include is not None and not _matches(name, module, include):
-            report.skipped[label] = "not matched by include"
-            continue
         if _matches(name, module, exclude):
             report.skipped[label] = "matched by exclude"
+            continue
+        excluded: list[torch.nn.Module] | None = None
+        if adapter.inner_modules is not None:
+            # A model-wide switch: include/exclude pick the attention modules inside it.
+            whole = include is None or _matches(name, module, include)
+            inner = [(f"{name}.{n}" if name else n, m) for n, m in adapter.inner_modules(module)]
+            excluded = []
+            for inner_name, m in inner:
+                if _matches(inner_name, m, exclude):
+                    report.skipped[inner_name] = "matched by exclude"
+                    excluded.append(m)
+                elif not whole and not _matches(inner_name, m, include):
+                    report.skipped[inner_name] = "not matched by include"
+                    excluded.append(m)
+            if inner and len(excluded) == len(inner):
+                for inner_name, _ in inner:
+                    report.skipped.pop(inner_name, None)
+                report.skipped[label] = "every attention module excluded" if whole else "not matched by include"
+                continue
+        elif include is not None and not _matches(name, module, include):
+            report.skipped[label] = "not matched by include"
             continue
         reasons = adapter.not_supported_reasons(module)
         if reasons:
             report.skipped[label] = f"{adapter.name}: " + "; ".join(reasons)
+            if adapter.kind is not AdapterKind.FORWARD:
+                model_wide_skips.append((name, label))
             continue
-        restore = adapter.apply(module)
+        restore = adapter.apply(module) if excluded is None else adapter.apply(module, excluded=excluded)
         if adapter.kind is not AdapterKind.FORWARD:
             covered.append((name, adapter))
         object.__setattr__(module, _MARK_ATTR, adapter.name)
         undo.append((module, restore))
         report.patched.setdefault(adapter.name, []).append(label)
+        patched_names.append(name)
     if strict:
-        unservable = {n: r for n, r in report.skipped.items() if not r.startswith(("not matched", "matched by"))}
+        unservable = {n: r for n, r in report.skipped.items()
+                      if not r.startswith(("not matched", "matched by", "every attention module excluded"))}
+        for name, label in model_wide_skips:
+            # A model that bypasses the interface is served when forward adapters patched its attention.
+            if any(not name or p.startswith(name + ".") for p in patched_names):
+                unservable.pop(label, None)
         if unservable:
             unpatch_model(model)
             raise ValueError("patch_model(strict=True): cannot serve "

@@ -33,7 +33,7 @@ def allowed_positions(
     else:
         used = torch.tensor(used_k, device=device)
     diag = i + used - seqlen_q
-    ok = j < used
+    ok = (j < used) & (i >= 0)  # always (..., Sq, Sk), also when no window bound applies
     if right >= 0:
         ok = ok & (j <= diag + right)
     if left >= 0:
@@ -45,7 +45,7 @@ def _dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
     dropout_p: float, dropout_mask: torch.Tensor | None, key_mask: torch.Tensor | None,
     query_mask: torch.Tensor | None, used_k: torch.Tensor | int, window_size: tuple[int, int],
-    softcap: float, alibi_slopes: torch.Tensor | None,
+    softcap: float, alibi_slopes: torch.Tensor | None, segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv), lse (B, Hq, Sq)."""
     batch, hq, sq, _ = q.shape
@@ -75,6 +75,11 @@ def _dense_attention(
         ok = ok & (key_mask != 0).view(batch, 1, 1, sk)
     if query_mask is not None:
         ok = ok & (query_mask != 0).view(batch, 1, sq, 1)
+    if segment_ids is not None:  # runs of equal consecutive ids are separate sequences (Sq == Sk)
+        change = torch.ones_like(segment_ids, dtype=torch.bool)
+        change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        run = change.long().cumsum(dim=1)
+        ok = ok & (run[:, None, :, None] == run[:, None, None, :])
 
     # Softmax that stays finite (and has finite gradients) when a row has no visible key.
     if sk == 0:  # no key at all: every row is empty
@@ -104,7 +109,7 @@ def attention_reference(
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None, window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, return_lse: bool = False,
-    dropout_mask: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
 ):
     """Reference attention with ``flash_attention``'s signature and semantics.
 
@@ -121,7 +126,7 @@ def attention_reference(
             used_k = seqused_k.clamp(max=k.shape[2])
         out, lse = _dense_attention(
             q, k, v, dropout_mask=dropout_mask, key_mask=attention_mask, query_mask=query_mask,
-            used_k=used_k, alibi_slopes=alibi_slopes, **common)
+            used_k=used_k, alibi_slopes=alibi_slopes, segment_ids=segment_ids, **common)
         return (out, lse) if return_lse else out
 
     # Varlen: q (total_q, Hq, D); each sequence is a dense B=1 problem.

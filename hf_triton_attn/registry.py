@@ -54,7 +54,8 @@ class Adapter:
     """How to serve one family of attention modules.
 
     ``apply(module)`` patches the module in place and returns a callable that undoes exactly that
-    patch; ``checks`` are extra per-module tests returning reasons it cannot be served (empty =
+    patch (with ``inner_modules``: ``apply(module, excluded=modules)``); ``checks`` are extra
+    per-module tests returning reasons it cannot be served (empty =
     servable). ``head_dim_of`` reads a module's head dim (None = unknown, not checked).
     """
 
@@ -65,6 +66,10 @@ class Adapter:
     support: Support = field(default_factory=Support)
     checks: tuple[Callable[[torch.nn.Module], list[str]], ...] = ()
     head_dim_of: Callable[[torch.nn.Module], int | None] | None = None
+    # Model-wide adapters (interface, model kinds): the attention modules inside a patched model
+    # that include/exclude select one by one; ``apply(model, excluded=[...])`` then keeps the
+    # excluded ones on their original attention.
+    inner_modules: Callable[[torch.nn.Module], list[tuple[str, torch.nn.Module]]] | None = None
 
     def not_supported_reasons(self, module: torch.nn.Module) -> list[str]:
         """Why this adapter cannot serve ``module`` (empty when it can)."""

@@ -78,6 +78,7 @@ class Case:
     seqused_k: bool = False
     varlen: bool = False
     dropout: float = 0.0
+    segments: bool = False  # packed sequences in the dense layout (segment_ids, Sq == Sk)
     bshd: bool = False  # q, k, v as transposed (B, S, H, D) memory
     backward: bool = True
 
@@ -131,6 +132,7 @@ def build_cases() -> list[Case]:
         dict(dropout=0.1),                              # HAS_DROPOUT
         dict(sq=1, sk=64, causal=True, key_mask="int64"),  # decode step
         dict(sq=17, sk=97, causal=True),                # Sq != Sk
+        dict(segments=True, causal=True),               # HAS_SEGMENTS (HF packed position_ids)
     ]
     for kw in single:
         cases.append(Case(**kw))
@@ -142,6 +144,7 @@ def build_cases() -> list[Case]:
         dict(varlen=True, causal=True, seqused_k=True),
         dict(softcap=50.0, alibi="h", causal=True),                            # softcap + alibi
         dict(dropout=0.1, causal=True, key_mask="bool"),                       # training step
+        dict(segments=True, causal=True, window=(16, 0), dropout=0.1, hkv=2, bshd=True),  # packed Mistral
     ]
     every_dense = dict(causal=True, window=(16, -1), softcap=30.0, alibi="bh", key_mask="bool",
                        query_mask="bool", seqused_k=True, dropout=0.2, hkv=2)
@@ -205,6 +208,8 @@ def run_case(case: Case) -> None:
         kw["query_mask"] = _mask(case.query_mask, (b, sq))
     if case.seqused_k:
         kw["seqused_k"] = torch.full((b,), max(1, sk // 2), dtype=torch.int32)
+    if case.segments:
+        kw["segment_ids"] = (torch.arange(sq) // 7).expand(b, sq)
     for t in (q, k, v):
         t.requires_grad_(case.backward)
     torch.backends.cuda.matmul.allow_tf32 = case.tf32

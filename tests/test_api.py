@@ -52,6 +52,9 @@ BAD_INPUTS = [
     ("mask_4d", _base, dict(attention_mask=torch.ones(2, 1, 8, 10, dtype=torch.bool)), ValueError, "`attention_mask` must be of shape (2, 10)"),
     ("mask_float", _base, dict(attention_mask=torch.ones(2, 10)), TypeError, "bool or integer"),
     ("query_mask_shape", _base, dict(query_mask=torch.ones(2, 10, dtype=torch.bool)), ValueError, "`query_mask` must be of shape (2, 8)"),
+    ("segments_sq_ne_sk", _base, dict(segment_ids=torch.zeros(2, 8, dtype=torch.int64)), ValueError, "`segment_ids` must be used with Sq == Sk (packed self-attention); got Sq 8, Sk 10"),
+    ("segments_shape", _base, dict(segment_ids=torch.zeros(2, 10, dtype=torch.int64)), ValueError, "`segment_ids` must be of shape (2, 8)"),
+    ("segments_float", _base, dict(segment_ids=torch.zeros(2, 8)), TypeError, "`segment_ids` must be an integer tensor"),
     ("seqused_dtype", _base, dict(seqused_k=torch.tensor([3, 4])), TypeError, "`seqused_k` must be an int32"),
     ("seqused_shape", _base, dict(seqused_k=torch.tensor([3], dtype=torch.int32)), ValueError, "of shape (2,)"),
     ("seqused_range", _base, dict(seqused_k=torch.tensor([3, 11], dtype=torch.int32)), ValueError, "values in [0, 10]"),
@@ -67,6 +70,7 @@ BAD_INPUTS = [
     ("max_seqlen_small", _varlen_base, dict(max_seqlen_q=4), ValueError, "`max_seqlen_q` must be >= the longest sequence (5)"),
     ("max_seqlen_tensor", _varlen_base, dict(max_seqlen_q=torch.tensor(5)), TypeError, "`max_seqlen_q` must be a Python int"),
     ("varlen_with_mask", _varlen_base, dict(attention_mask=torch.ones(2, 5)), ValueError, "`attention_mask` must be None in varlen mode"),
+    ("varlen_with_segments", _varlen_base, dict(segment_ids=torch.zeros(8, dtype=torch.int64)), ValueError, "`segment_ids` must be None in varlen mode"),
 ]
 
 

@@ -44,6 +44,22 @@ def _tiny(name: str, impl: str):
         cfg = T.BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                            **common)
         return T.BertModel(cfg)
+    if name == "roberta":
+        cfg = T.RobertaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              pad_token_id=0, **common)
+        return T.RobertaModel(cfg)
+    if name == "distilbert":
+        cfg = T.DistilBertConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, **common)
+        return T.DistilBertModel(cfg)
+    if name == "qwen2":
+        cfg = T.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, **common)
+        return T.Qwen2ForCausalLM(cfg)
+    if name == "bart":
+        cfg = T.BartConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
+                           max_position_embeddings=64, pad_token_id=0, **common)
+        return T.BartForConditionalGeneration(cfg)
     raise ValueError(name)
 
 
@@ -72,13 +88,16 @@ def _out(model, ids, mask):
 
 
 @pytest.mark.parametrize("name,padding", [("llama", "left"), ("mistral", "left"), ("gemma2", "left"),
-                                          ("gpt2", "left"), ("bert", "right"), ("bert", "left")])
+                                          ("gpt2", "left"), ("bert", "right"), ("bert", "left"),
+                                          ("roberta", "right"), ("distilbert", "left"), ("qwen2", "left")])
 def test_forward_and_gradients_match_eager(name, padding, monkeypatch):
     ref, ours = _pair(name)
     ids, mask = _batch(padding)
     calls = spy_on(monkeypatch, hf_interface)
     a, b = _out(ref, ids, mask), _out(ours, ids, mask)
     assert len(calls) == 2, "every layer must run the kernel (no eager fallback)"
+    # pad query rows are skipped (self-attention: the key mask is the query mask)
+    assert all(c["query_mask"] is not None for c in calls)
     real = mask.bool()
     torch.testing.assert_close(b[real], a[real], atol=1e-4, rtol=1e-4)
     # gradients of every parameter through a loss on real positions only
@@ -206,13 +225,115 @@ def test_patch_model_switches_and_unpatch_restores(monkeypatch):
 
 
 def test_models_that_bypass_the_interface_are_reported():
-    cfg = transformers.GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
-                                    attention_types=[[["global", "local"], 1]], window_size=4)
-    model = transformers.GPTNeoForCausalLM(cfg)
+    """XLM computes attention itself and has no forward adapter: reported with the reason, strict raises.
+    GPT-Neo also bypasses the interface, but its forward adapter serves it: strict does not raise."""
+    T = transformers
+    xlm = T.XLMWithLMHeadModel(T.XLMConfig(vocab_size=97, emb_dim=32, n_layers=1, n_heads=4))
+    report = hf_triton_attn.patch_model(xlm)
+    assert report.num_patched == 0
+    assert "picks its attention at construction" in report.skipped["XLMWithLMHeadModel"]
+    with pytest.raises(ValueError, match="cannot serve XLMWithLMHeadModel"):
+        hf_triton_attn.patch_model(xlm, strict=True)
+    neo = T.GPTNeoForCausalLM(T.GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
+                                             attention_types=[[["global", "local"], 1]], window_size=4))
+    report = hf_triton_attn.patch_model(neo, strict=True)
+    assert report.num_patched == 2 and "picks its attention at construction" in report.skipped["GPTNeoForCausalLM"]
+
+def test_encoder_decoder_bart_with_cross_attention(monkeypatch):
+    """BART: encoder self-attention, causal decoder self-attention and cross-attention all run the kernel;
+    cross-attention keeps every decoder row (the encoder's mask says nothing about them)."""
+    ref, ours = _pair("bart")
+    ids, mask = _batch("right")
+    g = torch.Generator().manual_seed(5)
+    dec = torch.randint(3, 97, (2, 9), generator=g).to(DEVICE)
+    dec_mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    dec_mask[1, 6:] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    calls = spy_on(monkeypatch, hf_interface)
+    a, b = ref(**kw).logits, ours(**kw).logits
+    assert len(calls) == 3, "encoder self, decoder self and cross attention each run the kernel"
+    causal = [c for c in calls if c["causal"]]
+    cross = [c for c in calls if not c["causal"] and c["attention_mask"] is not None
+             and c["attention_mask"].shape[1] == ids.shape[1] and c is not calls[0]]
+    assert len(causal) == 1 and len(cross) == 1 and cross[0]["query_mask"] is None
+    real = dec_mask.bool()
+    torch.testing.assert_close(b[real], a[real], atol=1e-4, rtol=1e-4)
+    a[real].pow(2).mean().backward()
+    b[real].pow(2).mean().backward()
+    for (n1, p1), (_, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=n1: f"{n}: {m}")
+
+
+def test_t5_is_reported_and_keeps_its_own_attention():
+    """T5 adds a relative position bias to the scores: patch_model leaves it alone with the reason, and an
+    explicit attn_implementation="hf_triton_attn" takes the exact eager fallback (warned once)."""
+    T = transformers
+    cfg = T.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4)
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(cfg).eval()
     report = hf_triton_attn.patch_model(model)
-    if report.num_patched:  # this transformers routes GPT-Neo through the interface
-        assert model.config._attn_implementation == "hf_triton_attn"
-    else:
-        assert "picks its attention at construction" in report.skipped["GPTNeoForCausalLM"]
-        with pytest.raises(ValueError, match="cannot serve GPTNeoForCausalLM"):
-            hf_triton_attn.patch_model(model, strict=True)
+    assert report.num_patched == 0
+    assert "relative position bias" in report.skipped["T5ForConditionalGeneration"]
+    with pytest.raises(ValueError, match="relative position bias"):
+        hf_triton_attn.patch_model(model, strict=True)
+    ids = torch.randint(3, 97, (2, 7))
+    ref = model(input_ids=ids, decoder_input_ids=ids).logits
+    ours = T.T5ForConditionalGeneration._from_config(cfg, attn_implementation="hf_triton_attn").eval()
+    ours.load_state_dict(model.state_dict())
+    assert ours.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == "hf_triton_attn"
+    hf_interface._warned.clear()
+    with pytest.warns(UserWarning, match="position_bias"):
+        out = ours(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_position_ids_without_cu_seq_lens(monkeypatch):
+    """DataCollatorWithFlattening without flash kwargs: only packed position_ids reach the model. The mask
+    function hands the sequence ids to the kernel (segment_ids, no host sync); logits and gradients match
+    eager on the same packed batch, and each sequence equals its own run."""
+    ref, ours = _pair("llama")
+    lens = [7, 12, 4]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=False, return_position_ids=True)
+    batch = collate([{"input_ids": s.tolist()} for s in seqs])
+    batch.pop("labels", None)
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    assert set(batch) == {"input_ids", "position_ids"}
+    calls = spy_on(monkeypatch, hf_interface)
+    b = ours(**batch).logits[0]
+    assert len(calls) == 2 and calls[0]["segment_ids"] is not None and calls[0]["causal"]
+    a = ref(**batch).logits[0]
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    start = 0
+    for s in seqs:
+        alone = ref(input_ids=s[None].to(DEVICE)).logits[0]
+        torch.testing.assert_close(b[start:start + len(s)], alone, atol=1e-4, rtol=1e-4)
+        start += len(s)
+    a.pow(2).mean().backward()
+    b.pow(2).mean().backward()
+    for (n1, p1), (_, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=n1: f"{n}: {m}")
+
+
+def test_include_exclude_select_attention_modules_inside_a_model(monkeypatch):
+    """The config switch is model-wide; exclude/include pick layers, the others run eager attention."""
+    ref, _ = _pair("llama")
+    model = _tiny("llama", "eager").to(DEVICE).eval()
+    model.load_state_dict(ref.state_dict())
+    report = hf_triton_attn.patch_model(model, exclude=["model.layers.1.*"])
+    assert report.patched == {"hf_interface": ["LlamaForCausalLM"]}
+    assert report.skipped == {"model.layers.1.self_attn": "matched by exclude"}
+    calls = spy_on(monkeypatch, hf_interface)
+    ids, mask = _batch("left")
+    real = mask.bool()
+    torch.testing.assert_close(_out(model, ids, mask)[real], _out(ref, ids, mask)[real], atol=1e-4, rtol=1e-4)
+    assert len(calls) == 1, "layer 0 on the kernel, layer 1 on eager"
+    hf_triton_attn.unpatch_model(model)
+    assert not any(hasattr(m, hf_interface.EXCLUDED_ATTR) for m in model.modules())
+    report = hf_triton_attn.patch_model(model, include=["LlamaAttention"])
+    assert report.num_patched == 1 and not report.skipped
+    report = hf_triton_attn.patch_model(hf_triton_attn.unpatch_model(model) or model, include=["nothing*"])
+    assert report.num_patched == 0 and report.skipped["LlamaForCausalLM"] == "not matched by include"

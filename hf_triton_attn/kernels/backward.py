@@ -20,6 +20,7 @@ from .common import (
     allowed_mask,
     dropout_keep,
     key_range_for_query_block,
+    load_segments,
     query_range_for_key_block,
     score_transform,
     seq_bounds,
@@ -74,13 +75,13 @@ def _bwd_dkdv_inner(
     q_base, do_base, lse_base, delta_base,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
     offs_n, offs_d, offs_dv, head_dim, head_dim_v,
-    q_len, k_len, sm_scale, softcap, slope, window_left, window_right,
+    q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
     start, end,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):
@@ -104,6 +105,8 @@ def _bwd_dkdv_inner(
                                     HAS_SOFTCAP, HAS_ALIBI)
             if MASKED:
                 ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                if HAS_SEGMENTS:  # query i in key j's run [seg_start_j, seg_end_j)
+                    ok = ok & (offs_m[:, None] >= seg_start[None, :]) & (offs_m[:, None] < seg_end[None, :])
                 s2 = tl.where(ok & row_ok[:, None], s2, float("-inf"))
             if HAS_KEY_MASK:
                 s2 = tl.where(key_ok[None, :], s2, float("-inf"))
@@ -128,7 +131,7 @@ def _bwd_dkdv_inner(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    KEY_MASK, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -136,12 +139,12 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_lb, stride_lh, stride_lm,
-    stride_kmb, stride_kmn, stride_ab, stride_ah,
+    stride_kmb, stride_kmn, stride_segb, stride_segk, stride_ab, stride_ah,
     seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
     sm_scale, softcap, window_left, window_right, dropout_p,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -182,8 +185,19 @@ def _bwd_dkdv_kernel(
         seed = tl.load(RNG)
         rng_offset = tl.load(RNG + 1)
 
+    seg_start = offs_n
+    seg_end = offs_n
+    seg_min_start = 0
+    seg_max_start = 0
+    seg_min_end = 0
+    seg_max_end = 0
+    if HAS_SEGMENTS:  # [BLOCK_N] run bounds of the keys (dense layout, Sq == Sk)
+        seg_start, seg_end, seg_min_start, seg_max_start, seg_min_end, seg_max_end = load_segments(
+            SEGMENTS + b64 * stride_segb, offs_n, k_len, stride_segk)
     lo, mid_lo, mid_hi, hi = query_range_for_key_block(
-        start_n, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        start_n, q_len, k_len, window_left, window_right,
+        seg_min_start, seg_max_start, seg_min_end, seg_max_end,
+        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
     if live:
         for g in range(0, kv_group):
             h = h_kv * kv_group + g
@@ -199,23 +213,23 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-                window_left, window_right, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
                 True, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
-                HAS_QUERY_MASK, HAS_DROPOUT, DOT_PRECISION)
+                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-                window_left, window_right, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
                 False, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
-                HAS_QUERY_MASK, HAS_DROPOUT, DOT_PRECISION)
+                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-                window_left, window_right, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
                 True, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
-                HAS_QUERY_MASK, HAS_DROPOUT, DOT_PRECISION)
+                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
 
     dk = dk * sm_scale
     store_ok = offs_n < k_rows
@@ -230,13 +244,13 @@ def _bwd_dq_inner(
     dq, q, do, lse2, delta,
     k_base, v_base, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
     offs_m, offs_d, offs_dv, head_dim, head_dim_v,
-    q_len, k_len, sm_scale, softcap, slope, window_left, window_right,
+    q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
     start, end,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
@@ -260,6 +274,8 @@ def _bwd_dq_inner(
                                     HAS_SOFTCAP, HAS_ALIBI)
             if MASKED:
                 ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                if HAS_SEGMENTS:
+                    ok = ok & (offs_n[None, :] >= seg_start[:, None]) & (offs_n[None, :] < seg_end[:, None])
                 s2 = tl.where(ok, s2, float("-inf"))
             if HAS_KEY_MASK:
                 s2 = tl.where(key_ok[None, :], s2, float("-inf"))
@@ -278,19 +294,19 @@ def _bwd_dq_inner(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KEY_MASK, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_lb, stride_lh, stride_lm,
-    stride_kmb, stride_kmn, stride_ab, stride_ah,
+    stride_kmb, stride_kmn, stride_segb, stride_segk, stride_ab, stride_ah,
     seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
     sm_scale, softcap, window_left, window_right, dropout_p,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -337,26 +353,40 @@ def _bwd_dq_kernel(
         rng_offset = tl.load(RNG + 1)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seg_start = offs_m
+    seg_end = offs_m
+    seg_min_start = 0
+    seg_max_start = 0
+    seg_min_end = 0
+    seg_max_end = 0
+    if HAS_SEGMENTS:
+        seg_start, seg_end, seg_min_start, seg_max_start, seg_min_end, seg_max_end = load_segments(
+            SEGMENTS + b64 * stride_segb, offs_m, q_len, stride_segk)
     lo, mid_lo, mid_hi, hi = key_range_for_query_block(
-        start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        start_m, q_len, k_len, window_left, window_right,
+        seg_min_start, seg_max_start, seg_min_end, seg_max_end,
+        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-        window_left, window_right, seed, rng_offset, bh, dropout_p, lo, mid_lo,
-        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+        window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS,
+        DOT_PRECISION)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
-        False, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+        window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+        False, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS,
+        DOT_PRECISION)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_hi, hi,
-        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+        window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS,
+        DOT_PRECISION)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
@@ -364,7 +394,7 @@ def _bwd_dq_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, seqused_k,
+def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, segments, seqused_k,
               cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q: int, max_seqlen_k: int,
               num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
               dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None,
@@ -376,7 +406,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     ``config`` / ``config_dq`` override the launch parameters of the dk/dv and dq kernels.
     """
     from .configs import block_dim, dkdv_config, dq_config
-    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or
+    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or, segment_strides
 
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv_heads = k.shape[1]
@@ -384,16 +414,17 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     cfg = dict(config) if config else dkdv_config(block_d, block_dv, q.element_size())
     cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, q.element_size())
-    optional = tuple(ptr_or(t, lse) for t in (key_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng))
-    km_strides, ab_strides = mask_strides(key_mask), alibi_strides(alibi)
+    optional = tuple(ptr_or(t, lse) for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
+                                              rng))
+    km_strides, ab_strides = mask_strides(key_mask) + segment_strides(segments), alibi_strides(alibi)
     scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
                sm_scale, softcap, window_left, window_right, dropout_p)
     flags = feature_flags(window_left=window_left, window_right=window_right, softcap=softcap, alibi=alibi,
-                          key_mask=key_mask, query_mask=query_mask, seqused_k=seqused_k, is_varlen=is_varlen,
-                          dropout_p=dropout_p) | dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision)
+                          key_mask=key_mask, query_mask=query_mask, segments=segments, seqused_k=seqused_k,
+                          is_varlen=is_varlen, dropout_p=dropout_p) | dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision)
     delta_block = 64
     _bwd_delta_kernel[(triton.cdiv(max_seqlen_q, delta_block), num_seqs * num_heads)](
-        o, do, delta, optional[2], *o.stride(), *do.stride(), *delta.stride(),
+        o, do, delta, optional[3], *o.stride(), *do.stride(), *delta.stride(),
         max_seqlen_q, num_heads, head_dim_v,
         IS_VARLEN=is_varlen, BLOCK_M=delta_block, BLOCK_DV=block_dv)
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), num_seqs * num_kv_heads)](

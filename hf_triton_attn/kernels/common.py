@@ -7,6 +7,9 @@ Conventions used by every kernel:
 - A (query i, key j) pair of sequence b is allowed when
   ``j < Sk_b`` and ``diag_i - left <= j <= diag_i + right`` with ``diag_i = i + Sk_b - Sq_b``
   (bottom-right alignment, as FlashAttention 2/3). ``causal`` is ``right = 0``.
+- Packed sequences in the dense layout (``segment_ids``, Sq == Sk): token t belongs to the run
+  ``[seg_start_t, seg_end_t)``; (i, j) is allowed only when j lies in i's run, which is the same
+  as i lying in j's run, so query-side and key-side range bounds come from the same two arrays.
 - Dropout keeps element (b, h, i, j) when ``philox(seed, j, i, b*H + h, offset) >= p``,
   so forward, backward and the test helper regenerate the same mask from global coordinates.
 """
@@ -45,17 +48,39 @@ def seq_bounds(
 
 
 @triton.jit
+def load_segments(seg_base, offs, length, seq_stride):
+    """Per-token run bounds ([BLOCK] start, [BLOCK] end) and their block-wide extremes.
+
+    Returns (start, end, min_start, max_start, min_end, max_end) over the valid tokens
+    (offs < length); an all-invalid block gives an empty range (min_start = max_end = 0).
+    """
+    ok = offs < length
+    start = tl.load(seg_base + offs, mask=ok, other=0)
+    end = tl.load(seg_base + seq_stride + offs, mask=ok, other=0)
+    big = 2147483647
+    min_start = tl.min(tl.where(ok, start, big), axis=0)
+    max_start = tl.max(tl.where(ok, start, 0), axis=0)
+    min_end = tl.min(tl.where(ok, end, big), axis=0)
+    max_end = tl.max(tl.where(ok, end, 0), axis=0)
+    min_start = tl.minimum(min_start, max_end)
+    return start, end, min_start, max_start, min_end, max_end
+
+
+@triton.jit
 def key_range_for_query_block(
     start_m, q_len, k_len, window_left, window_right,
+    seg_min_start, seg_max_start, seg_min_end, seg_max_end,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
 ):
     """Key-block ranges for query rows [start_m, start_m + BLOCK_M).
 
     Returns (lo, mid_lo, mid_hi, hi): keys in [lo, hi) may be visible; the blocks in
     [mid_lo, mid_hi) are visible to every row of the block, so they need no mask
     (the steady-state loop); [lo, mid_lo) and [mid_hi, hi) are masked edge blocks.
-    lo, mid_lo and mid_hi are multiples of BLOCK_N.
+    lo, mid_lo and mid_hi are multiples of BLOCK_N. With segments, row i sees keys in
+    [seg_start_i, seg_end_i): the union over the block bounds [lo, hi), the intersection
+    bounds the mask-free middle.
     """
     shift = k_len - q_len  # diag_i = i + shift
     hi = k_len
@@ -63,12 +88,18 @@ def key_range_for_query_block(
     if HAS_RIGHT:
         hi = tl.minimum(hi, start_m + BLOCK_M - 1 + shift + window_right + 1)
         full_hi = tl.minimum(full_hi, start_m + shift + window_right + 1)
+    if HAS_SEGMENTS:
+        hi = tl.minimum(hi, seg_max_end)
+        full_hi = tl.minimum(full_hi, seg_min_end)
     hi = tl.maximum(hi, 0)
     lo = tl.zeros([], dtype=tl.int32)
     full_lo = tl.zeros([], dtype=tl.int32)
     if HAS_LEFT:
         lo = tl.maximum(lo, start_m + shift - window_left)
         full_lo = tl.maximum(full_lo, start_m + BLOCK_M - 1 + shift - window_left)
+    if HAS_SEGMENTS:
+        lo = tl.maximum(lo, seg_min_start)
+        full_lo = tl.maximum(full_lo, seg_max_start)
     lo = tl.minimum((lo // BLOCK_N) * BLOCK_N, hi)
     # [mid_lo, mid_hi): whole blocks inside every row's window and inside k_len.
     mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo), hi)
@@ -79,8 +110,9 @@ def key_range_for_query_block(
 @triton.jit
 def query_range_for_key_block(
     start_n, q_len, k_len, window_left, window_right,
+    seg_min_start, seg_max_start, seg_min_end, seg_max_end,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
 ):
     """Query-block ranges for key columns [start_n, start_n + BLOCK_N), mirror of the above.
 
@@ -99,6 +131,11 @@ def query_range_for_key_block(
     if HAS_LEFT:
         hi = tl.minimum(hi, start_n + BLOCK_N - 1 - shift + window_left + 1)
         full_hi = tl.minimum(full_hi, start_n - shift + window_left + 1)
+    if HAS_SEGMENTS:  # query i sees key j iff i lies in j's run (the relation is symmetric)
+        lo = tl.maximum(lo, seg_min_start)
+        full_lo = tl.maximum(full_lo, seg_max_start)
+        hi = tl.minimum(hi, seg_max_end)
+        full_hi = tl.minimum(full_hi, seg_min_end)
     if start_n + BLOCK_N > k_len:
         full_hi = full_lo  # a partial key block is masked everywhere
     hi = tl.maximum(hi, 0)

@@ -15,6 +15,7 @@ from .common import (
     allowed_mask,
     dropout_keep,
     key_range_for_query_block,
+    load_segments,
     score_transform,
     seq_bounds,
 )
@@ -25,14 +26,14 @@ def _fwd_inner(
     acc, m_i, l_i, q,
     k_base, v_base, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
     offs_m, offs_d, offs_dv, head_dim, head_dim_v,
-    q_len, k_len, sm_scale, softcap, slope, window_left, window_right,
+    q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
     start, end,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
@@ -65,6 +66,8 @@ def _fwd_inner(
                                     HAS_SOFTCAP, HAS_ALIBI)
             if MASKED:
                 ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                if HAS_SEGMENTS:  # key j in row i's run [seg_start_i, seg_end_i)
+                    ok = ok & (offs_n[None, :] >= seg_start[:, None]) & (offs_n[None, :] < seg_end[:, None])
                 s2 = tl.where(ok, s2, float("-inf"))
             if HAS_KEY_MASK:
                 s2 = tl.where(key_ok[None, :], s2, float("-inf"))
@@ -86,17 +89,18 @@ def _fwd_inner(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KEY_MASK, QUERY_MASK, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    KEY_MASK, QUERY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    stride_kmb, stride_kmn, stride_qmb, stride_qmm, stride_ab, stride_ah,
+    stride_kmb, stride_kmn, stride_qmb, stride_qmm, stride_segb, stride_segk, stride_ab, stride_ah,
     seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
     sm_scale, softcap, window_left, window_right, dropout_p,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -152,32 +156,43 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    seg_start = offs_m
+    seg_end = offs_m
+    seg_min_start = 0
+    seg_max_start = 0
+    seg_min_end = 0
+    seg_max_end = 0
+    if HAS_SEGMENTS:  # [BLOCK_M] run bounds of the query rows (dense layout, Sq == Sk)
+        seg_start, seg_end, seg_min_start, seg_max_start, seg_min_end, seg_max_end = load_segments(
+            SEGMENTS + b64 * stride_segb, offs_m, q_len, stride_segk)
     lo, mid_lo, mid_hi, hi = key_range_for_query_block(
-        start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        start_m, q_len, k_len, window_left, window_right,
+        seg_min_start, seg_max_start, seg_min_end, seg_max_end,
+        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
     # phase 1: masked blocks at the left window edge
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-        window_left, window_right, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+        window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
         True, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     # phase 2: steady state, every position visible
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+        window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
         False, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     # phase 3: masked blocks at the diagonal / right window edge / sequence end
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-        window_left, window_right, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+        window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
         True, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
 
     # Rows with no visible key (l = 0) and padded query rows: output 0, LSE -inf.
     empty = (l_i == 0.0) | (row_ok == 0)
@@ -196,7 +211,7 @@ def _fwd_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k,
+def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
               alibi, rng, max_seqlen_q: int, max_seqlen_k: int, num_seqs: int, sm_scale: float,
               softcap: float, window_left: int, window_right: int, dropout_p: float,
               is_varlen: bool, dot_precision: str, config: dict | None = None) -> None:
@@ -206,7 +221,7 @@ def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, seqused_k, cu_seqlens_q,
     tokens); lse is ``(B, H, S)`` the same way. Optional tensors are None when absent.
     """
     from .configs import block_dim, fwd_config
-    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or
+    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or, segment_strides
 
     num_heads, head_dim = q.shape[1], q.shape[3]
     kv_group = num_heads // k.shape[1]
@@ -216,14 +231,15 @@ def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, seqused_k, cu_seqlens_q,
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * num_heads)
     _fwd_kernel[grid](
         q, k, v, o, lse,
-        *(ptr_or(t, lse) for t in (key_mask, query_mask, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng)),
+        *(ptr_or(t, lse) for t in (key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
+                                   alibi, rng)),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
-        *mask_strides(key_mask), *mask_strides(query_mask), *alibi_strides(alibi),
+        *mask_strides(key_mask), *mask_strides(query_mask), *segment_strides(segments), *alibi_strides(alibi),
         max_seqlen_q, max_seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
         sm_scale, softcap, window_left, window_right, dropout_p,
         **feature_flags(window_left=window_left, window_right=window_right, softcap=softcap, alibi=alibi,
-                        key_mask=key_mask, query_mask=query_mask, seqused_k=seqused_k, is_varlen=is_varlen,
-                        dropout_p=dropout_p),
+                        key_mask=key_mask, query_mask=query_mask, segments=segments, seqused_k=seqused_k,
+                        is_varlen=is_varlen, dropout_p=dropout_p),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, DOT_PRECISION=dot_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -17,6 +17,8 @@ when transformers is installed.
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 import warnings
 
@@ -42,6 +44,8 @@ _HARMLESS_KWARGS = frozenset({
     "layer_idx", "token_type_ids", "position_embeddings",
 })
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# set by patch_model on attention modules that include/exclude keep on the model's eager attention
+EXCLUDED_ATTR = "_hf_triton_attn_excluded"
 _warned: set[str] = set()
 
 
@@ -56,23 +60,57 @@ def _and_parts(fn) -> tuple | None:
     return None
 
 
+def _flat_and_parts(fn) -> list:
+    """``and_masks`` nests (a sliding window is ``and_masks(overlay, causal)``, packing adds
+    another level): the leaf functions, or ``[fn]`` when it is not a combination."""
+    parts = _and_parts(fn)
+    if parts is None:
+        return [fn]
+    return [leaf for p in parts for leaf in _flat_and_parts(p)]
+
+
+_PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
+
+
 def _familiar(mask_function) -> bool:
     """Mask patterns the kernel expresses natively (with the 2-D padding mask): causal,
     bidirectional, and causal sliding window (``and_masks(sliding_window_overlay(w), causal)``,
-    the kernel's ``window_size=(w - 1, 0)``). Anything else (packed sequences, chunks, bidirectional
-    windows, custom overlays) gets the exact 4-D mask and the eager path."""
+    the kernel's ``window_size=(w - 1, 0)``). Anything else (chunks, bidirectional windows, custom
+    overlays) gets the exact 4-D mask and the eager path. Packing is handled by the caller."""
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         return True
-    parts = _and_parts(mask_function)
-    if parts is None or len(parts) != 2:
-        return False
-    names = sorted(getattr(p, "__qualname__", "") for p in parts)
+    names = sorted(getattr(p, "__qualname__", "") for p in _flat_and_parts(mask_function))
     return names == ["causal_mask_function", "sliding_window_overlay.<locals>.inner_mask"]
+
+
+def _split_packing(mask_function):
+    """(mask function without the packed-sequence part, packed sequence ids (B, S) or None)."""
+    leaves = _flat_and_parts(mask_function)
+    packed = [p for p in leaves if getattr(p, "__qualname__", "") == _PACKED]
+    if len(packed) != 1:
+        return mask_function, None
+    ids = next((c.cell_contents for c in packed[0].__closure__ or ()
+                if isinstance(c.cell_contents, torch.Tensor)), None)
+    rest = [p for p in leaves if p is not packed[0]]
+    if ids is None or not rest:
+        return mask_function, None
+    if len(rest) == 1:
+        return rest[0], ids
+    names = sorted(getattr(p, "__qualname__", "") for p in rest)
+    if names == ["causal_mask_function", "sliding_window_overlay.<locals>.inner_mask"]:
+        return mask_function, ids  # _familiar() reads the window pair from the flattened leaves
+    return mask_function, None
 
 
 def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                   mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
-    """2-D padding mask (or None) for native patterns; the exact 4-D bool mask otherwise."""
+    """2-D padding mask (or None) for native patterns; ``(B, 1, S)`` packed sequence ids for
+    packed ``position_ids`` (HF's ``packed_sequence_mask``: one id per sequence); the exact 4-D
+    bool mask otherwise."""
+    base, packed_ids = _split_packing(mask_function)
+    if (packed_ids is not None and attention_mask is None and q_offset == 0 and kv_offset == 0
+            and q_length == kv_length == packed_ids.shape[-1] and _familiar(base)):
+        return packed_ids.expand(batch_size, -1).unsqueeze(1)
     if _familiar(mask_function):
         return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask, **kwargs)
@@ -90,13 +128,31 @@ def _fallback_reason(query: torch.Tensor, attention_mask, kwargs: dict) -> str |
                      and v is not None)
     if unknown:
         return f"unsupported argument(s) {', '.join(unknown)}"
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and attention_mask.dim() == 3 and query.shape[2] != attention_mask.shape[-1]:
+        return "packed sequence ids that do not match the query length"
+    if attention_mask is not None and attention_mask.dim() not in (2, 3):
         return f"a {attention_mask.dim()}-D attention mask"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype}"
     if query.shape[-1] > 256:
         return f"head dim {query.shape[-1]} > 256"
     return None
+
+
+def _queries_are_keys(module, causal: bool) -> bool:
+    """True when the key padding mask also describes the queries (self-attention).
+
+    Cross-attention is never causal, so causal modules qualify. A non-causal module qualifies only
+    when it is positively a self-attention: a ``*SelfAttention`` class (BERT family, DistilBERT's
+    ``MultiHeadSelfAttention``) or an encoder module of a BART-style shared class
+    (``is_decoder=False``). BART's decoder cross-attention (``is_decoder=True``, not causal) and
+    anything unknown keep every query row: the encoder's mask says nothing about the decoder's rows.
+    """
+    if causal:
+        return True
+    if "SelfAttention" in type(module).__name__:
+        return True
+    return getattr(module, "is_decoder", None) is False
 
 
 def _window(module, is_causal, sliding_window) -> tuple[bool, tuple[int, int] | None]:
@@ -115,6 +171,11 @@ def _additive_mask(query, key, attention_mask, causal: bool, window: tuple[int, 
             return torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
         return attention_mask
     sq, sk = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 3:  # packed sequence ids (B, 1, S)
+        ids = attention_mask[:, 0]
+        ok = allowed_positions(sq, sk, used_k=sk, causal=causal, window_size=window, device=query.device)
+        ok = ok.view(1, 1, sq, sk) & (ids[:, None, :, None] == ids[:, None, None, :])
+        return torch.where(ok, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
     used = sk if attention_mask is None else attention_mask.shape[1]
     ok = allowed_positions(sq, sk, used_k=used, causal=causal, window_size=window, device=query.device)
     ok = ok.view(1, 1, sq, sk)
@@ -124,15 +185,16 @@ def _additive_mask(query, key, attention_mask, causal: bool, window: tuple[int, 
     return torch.where(ok, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
 
 
-def _eager(module, query, key, value, attention_mask, reason: str, causal, window, dropout, scaling, **kwargs):
-    if reason not in _warned:
+def _eager(module, query, key, value, attention_mask, reason: str | None, causal, window, dropout, scaling,
+           **kwargs):
+    if reason is not None and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"hf_triton_attn: {reason}: this call runs the model's eager attention (warned once)",
                       stacklevel=3)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise NotImplementedError(f"hf_triton_attn: {reason}, and {type(module).__module__} has no "
-                                  "eager_attention_forward to fall back to")
+        raise NotImplementedError(f"hf_triton_attn: {reason or 'excluded by patch_model'}, and "
+                                  f"{type(module).__module__} has no eager_attention_forward to fall back to")
     if window is None and (attention_mask is None or attention_mask.dim() != 4):
         raise NotImplementedError("hf_triton_attn: a bidirectional sliding window needs the model's 4-D mask")
     mask = _additive_mask(query, key, attention_mask, causal, window)
@@ -145,6 +207,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> (out (B, Sq, Hq, Dv), None), like transformers' sdpa."""
     causal, window = _window(module, is_causal, sliding_window)
+    if getattr(module, EXCLUDED_ATTR, False):  # patch_model(exclude=...): eager on request, no warning
+        extra = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap)) if v is not None}
+        return _eager(module, query, key, value, attention_mask, None, causal, window, dropout, scaling,
+                      **extra, **kwargs)
     reason = _fallback_reason(query, attention_mask, kwargs)
     if reason is None and window is None:
         reason = "a bidirectional sliding window"
@@ -161,16 +227,25 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             cu_seqlens_q=kwargs["cu_seq_lens_q"].to(torch.int32), cu_seqlens_k=kwargs["cu_seq_lens_k"].to(torch.int32),
             max_seqlen_q=int(kwargs["max_length_q"]), max_seqlen_k=int(kwargs["max_length_k"]), **common)
         return out.unsqueeze(0), None
-    key_mask = seqused = None
+    if attention_mask is not None and attention_mask.dim() == 3:
+        # Packed position_ids without cu_seq_lens: sequence ids per token, dense layout.
+        out = flash_attention(query, key, value, segment_ids=attention_mask[:, 0], **common)
+        return out.transpose(1, 2), None
+    key_mask = query_mask = seqused = None
     if attention_mask is not None:
         batch, used = attention_mask.shape
-        sk = key.shape[2]
+        sq, sk = query.shape[2], key.shape[2]
         if used < sk:  # static cache: only the first `used` slots hold keys
             seqused = torch.full((batch,), used, dtype=torch.int32, device=key.device)
             key_mask = F.pad(attention_mask, (0, sk - used))
         else:
             key_mask = attention_mask
-    out = flash_attention(query, key, value, attention_mask=key_mask, seqused_k=seqused, **common)
+        if 1 < sq <= used and _queries_are_keys(module, causal):
+            # The queries are the last sq of the used keys: pad query rows are skipped and written
+            # 0 (as HF's FlashAttention-2 path leaves them); decode steps (sq = 1) are always real.
+            query_mask = attention_mask[:, used - sq:]
+    out = flash_attention(query, key, value, attention_mask=key_mask, query_mask=query_mask, seqused_k=seqused,
+                          **common)
     return out.transpose(1, 2), None
 
 
@@ -184,31 +259,82 @@ def register() -> None:
 # patch_model support: switch a model (and its sub-models) to this implementation, undoably
 # ----------------------------------------------------------------------------------------------
 
+def _uses_interface(cls: type) -> bool:
+    """Whether a PreTrainedModel class dispatches its attention through ``AttentionInterface``:
+    transformers' own test (``_can_set_attn_implementation``: its modeling source calls
+    ``ALL_ATTENTION_FUNCTIONS.get_interface``), the one ``set_attn_implementation`` uses."""
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    if can_set is None:
+        return bool(getattr(cls, "_supports_attention_backend", False))
+    return bool(can_set())
+
+
+# Extra arguments some families give the attention function that the kernel cannot apply (an
+# additive score bias, attention sinks): their models would run eager attention on every call.
+_UNSERVABLE_CALL_ARGS = {"position_bias": "a relative position bias (T5 family) added to the scores",
+                         "s_aux": "attention sinks (s_aux)"}
+
+
+def _unservable_call_args(cls: type) -> list[str]:
+    module = sys.modules.get(cls.__module__)
+    try:
+        code = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return []
+    found = set()
+    for match in re.finditer(r"attention_interface\(", code):
+        call = code[match.end():match.end() + 800]
+        found.update(arg for arg in _UNSERVABLE_CALL_ARGS if re.search(rf"\b{arg}\s*=", call))
+    return sorted(found)
+
+
 def _interface_models(model: torch.nn.Module) -> list:
     from transformers import PreTrainedModel
 
-    return [m for m in model.modules()
-            if isinstance(m, PreTrainedModel) and getattr(type(m), "_supports_attention_backend", False)]
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel) and _uses_interface(type(m))]
 
 
-def _apply(model: torch.nn.Module):
-    """Set ``config._attn_implementation`` to ours on the model and every sub-model's config."""
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the attention modules that call the interface inside ``model``: classes
+    named ``*Attention*`` whose modeling module defines ``eager_attention_forward``."""
+    found = []
+    for name, m in model.named_modules():
+        cls = type(m)
+        if "Attention" in cls.__name__ and hasattr(sys.modules.get(cls.__module__), "eager_attention_forward"):
+            found.append((name, m))
+    return found
+
+
+def _apply(model: torch.nn.Module, excluded: list[torch.nn.Module] = ()):
+    """Set ``config._attn_implementation`` to ours on the model and every sub-model's config;
+    mark the ``excluded`` attention modules so that they keep the eager attention."""
     previous: list[tuple[object, str | None]] = []
     for sub in _interface_models(model):
         cfg = sub.config
         if all(cfg is not seen for seen, _ in previous):
             previous.append((cfg, cfg._attn_implementation_internal))
             cfg._attn_implementation_internal = NAME
+    marked = list(excluded)
+    for m in marked:
+        object.__setattr__(m, EXCLUDED_ATTR, True)
 
     def undo() -> None:
+        for m in marked:
+            if EXCLUDED_ATTR in m.__dict__:
+                object.__delattr__(m, EXCLUDED_ATTR)
         for cfg, value in reversed(previous):
             cfg._attn_implementation_internal = value
     return undo
 
 
 def _check(model: torch.nn.Module) -> list[str]:
-    if not getattr(type(model), "_supports_attention_backend", False):
-        return [f"{type(model).__name__} picks its attention at construction, not through AttentionInterface"]
+    cls = type(model)
+    if not _uses_interface(cls):
+        return [f"{cls.__name__} picks its attention at construction, not through AttentionInterface"]
+    bad = _unservable_call_args(cls)
+    if bad:
+        return [f"{cls.__name__} passes {', '.join(_UNSERVABLE_CALL_ARGS[a] for a in bad)} to its attention, "
+                "which the kernel cannot apply (left on its own attention implementation)"]
     return []
 
 
@@ -219,4 +345,5 @@ HF_INTERFACE = register_adapter(Adapter(
     apply=_apply,
     support=Support(notes="anything unsupported runs the model's eager attention, exactly"),
     checks=(_check,),
+    inner_modules=attention_modules,
 ))
