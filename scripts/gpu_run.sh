@@ -3,9 +3,10 @@
 #
 #   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
 #
-# OUT (default ./gpu_out) receives gpu_tests.log, bench.log, kernels.json and the PNGs
-# (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS / BENCH_ARGS / SWEEP_ARGS pass options on;
-# TESTS=0 / BENCH=0 skip a stage.
+# OUT (default ./gpu_out) receives gpu_tests.log, bench.log, kernels.json, models.json/log and
+# the PNGs (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS / BENCH_ARGS / MODELS_ARGS /
+# SWEEP_ARGS pass options on; TESTS=0 / BENCH=0 / MODELS=0 skip a stage. On a multi-GPU host,
+# HF_TRITON_ATTN_TEST_GPUS=N spreads the test workers over N GPUs.
 # Installs nothing. Exit status: the tests' when they failed, else the benchmark's.
 set -uo pipefail
 
@@ -59,6 +60,15 @@ if [ "${BENCH:-1}" = "1" ]; then
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
     python benchmarks/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
     bench_rc=${PIPESTATUS[0]}
+fi
+
+models_rc=0
+if [ "${MODELS:-1}" = "1" ]; then
+    echo "== Hugging Face end-to-end benchmark (patched vs sdpa vs eager)"
+    # shellcheck disable=SC2086
+    python benchmarks/bench_models.py --out "$OUT" ${MODELS_ARGS:-} 2>&1 | tee "$OUT/models.log"
+    models_rc=${PIPESTATUS[0]}
+    [ "$bench_rc" -eq 0 ] && bench_rc=$models_rc
 fi
 
 if [ "${SWEEP:-0}" = "1" ]; then

@@ -6,6 +6,10 @@ import os
 
 if os.environ.get("HF_TRITON_ATTN_TEST_DEVICE", "cpu") != "cuda":
     os.environ["TRITON_INTERPRET"] = "1"
+elif os.environ.get("HF_TRITON_ATTN_TEST_GPUS") and os.environ.get("PYTEST_XDIST_WORKER"):
+    # Spread xdist workers over the host's GPUs (set before CUDA initialises in this process).
+    worker = int(os.environ["PYTEST_XDIST_WORKER"].lstrip("gw") or 0)
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(worker % int(os.environ["HF_TRITON_ATTN_TEST_GPUS"]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

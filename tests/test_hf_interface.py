@@ -288,11 +288,12 @@ def test_t5_is_reported_and_keeps_its_own_attention():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_position_ids_without_cu_seq_lens(monkeypatch):
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_position_ids_without_cu_seq_lens(name, monkeypatch):
     """DataCollatorWithFlattening without flash kwargs: only packed position_ids reach the model. The mask
     function hands the sequence ids to the kernel (segment_ids, no host sync); logits and gradients match
-    eager on the same packed batch, and each sequence equals its own run."""
-    ref, ours = _pair("llama")
+    eager on the same packed batch, and each sequence equals its own run (Mistral: with its window)."""
+    ref, ours = _pair(name)
     lens = [7, 12, 4]
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
@@ -301,6 +302,7 @@ def test_packed_position_ids_without_cu_seq_lens(monkeypatch):
     batch.pop("labels", None)
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
     assert set(batch) == {"input_ids", "position_ids"}
+    batch["use_cache"] = False  # transformers looks for packed sequences only without a cache (training)
     calls = spy_on(monkeypatch, hf_interface)
     b = ours(**batch).logits[0]
     assert len(calls) == 2 and calls[0]["segment_ids"] is not None and calls[0]["causal"]

@@ -70,36 +70,49 @@ def _flat_and_parts(fn) -> list:
 
 
 _PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
+_REMAP = "remap_positions_for_packed_sequence.<locals>.inner_mask"
+
+
+_NATIVE_LEAVES = (["causal_mask_function"], ["bidirectional_mask_function"],
+                  ["causal_mask_function", "sliding_window_overlay.<locals>.inner_mask"])
 
 
 def _familiar(mask_function) -> bool:
     """Mask patterns the kernel expresses natively (with the 2-D padding mask): causal,
     bidirectional, and causal sliding window (``and_masks(sliding_window_overlay(w), causal)``,
     the kernel's ``window_size=(w - 1, 0)``). Anything else (chunks, bidirectional windows, custom
-    overlays) gets the exact 4-D mask and the eager path. Packing is handled by the caller."""
+    overlays) gets the exact 4-D mask and the eager path. Packing is handled by ``_packed_ids``."""
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         return True
     names = sorted(getattr(p, "__qualname__", "") for p in _flat_and_parts(mask_function))
-    return names == ["causal_mask_function", "sliding_window_overlay.<locals>.inner_mask"]
+    return names == _NATIVE_LEAVES[2]
 
 
-def _split_packing(mask_function):
-    """(mask function without the packed-sequence part, packed sequence ids (B, S) or None)."""
+def _packed_ids(mask_function) -> torch.Tensor | None:
+    """HF's packed sequence ids ``(B, S)`` when ``mask_function`` is a native pattern restricted to
+    packed sequences (``and_masks(pattern, packed_sequence_mask_function(ids))``); else None."""
     leaves = _flat_and_parts(mask_function)
     packed = [p for p in leaves if getattr(p, "__qualname__", "") == _PACKED]
     if len(packed) != 1:
-        return mask_function, None
+        return None
     ids = next((c.cell_contents for c in packed[0].__closure__ or ()
                 if isinstance(c.cell_contents, torch.Tensor)), None)
-    rest = [p for p in leaves if p is not packed[0]]
-    if ids is None or not rest:
-        return mask_function, None
-    if len(rest) == 1:
-        return rest[0], ids
+    rest = []
+    for p in leaves:
+        if p is packed[0]:
+            continue
+        if getattr(p, "__qualname__", "") == _REMAP:
+            # transformers >= 5.2x evaluates the base mask on per-sequence positions; inside one packed
+            # sequence positions are consecutive (that is how the sequences are found), so the base
+            # mask on token indices is the same relation.
+            inner = next((c.cell_contents for c in p.__closure__ or () if callable(c.cell_contents)), None)
+            if inner is None:
+                return None
+            rest.extend(_flat_and_parts(inner))
+        else:
+            rest.append(p)
     names = sorted(getattr(p, "__qualname__", "") for p in rest)
-    if names == ["causal_mask_function", "sliding_window_overlay.<locals>.inner_mask"]:
-        return mask_function, ids  # _familiar() reads the window pair from the flattened leaves
-    return mask_function, None
+    return ids if ids is not None and names in _NATIVE_LEAVES else None
 
 
 def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -107,9 +120,9 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     """2-D padding mask (or None) for native patterns; ``(B, 1, S)`` packed sequence ids for
     packed ``position_ids`` (HF's ``packed_sequence_mask``: one id per sequence); the exact 4-D
     bool mask otherwise."""
-    base, packed_ids = _split_packing(mask_function)
+    packed_ids = _packed_ids(mask_function)
     if (packed_ids is not None and attention_mask is None and q_offset == 0 and kv_offset == 0
-            and q_length == kv_length == packed_ids.shape[-1] and _familiar(base)):
+            and q_length == kv_length == packed_ids.shape[-1]):
         return packed_ids.expand(batch_size, -1).unsqueeze(1)
     if _familiar(mask_function):
         return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,

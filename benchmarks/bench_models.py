@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""End-to-end Hugging Face benchmarks: attention patched with hf_triton_attn vs sdpa vs eager.
+
+Tasks (ANCHORS.md "Hugging Face end to end"; bf16 weights, random init, train mode keeps the
+default dropout 0.1), each timed for every implementation in the same process on the same card:
+
+- ``gpt2_train``: GPT-2 124M, B=8, S=1024, forward + backward + fused AdamW step.
+- ``gpt2_generate``: GPT-2 124M, B=8, 512-token prompt + 128 new tokens, greedy, dynamic cache.
+- ``bert_infer``: BERT-base encoder, B=32, S=512, padded (lengths uniform in [142, 512], mean ~327).
+- ``bert_finetune``: BertForSequenceClassification, same batch, forward + backward + AdamW step.
+
+Every implementation gets identical weights (one seed) and inputs. Before timing, each task checks
+parity against sdpa in eval mode (dropout off) on real positions; ``gpt2_train`` is also profiled
+once per implementation to report the attention kernels' share of the step's CUDA time.
+
+    python benchmarks/bench_models.py --out OUT            # the H100 run
+    python benchmarks/bench_models.py --quick --out OUT    # tiny configs on CPU (smoke test)
+
+Writes ``OUT/models.json`` and ``OUT/models.png`` and prints a table with ratios to sdpa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import collect_meta, fmt, free_memory, load_pyplot, meta_title, short_error, write_json  # noqa: E402
+
+IMPLS = ("hf_triton_attn", "sdpa", "eager")
+# Kernel-name fragments counted as "attention" in the profiler, per implementation.
+ATTENTION_KERNELS = {
+    "hf_triton_attn": ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel"),
+    "sdpa": ("flash", "fmha", "attention", "cudnn"),
+    "eager": ("softmax", "bmm", "baddbmm"),
+}
+
+
+# --------------------------------------------------------------------------- models and inputs
+
+
+def build(kind: str, impl: str, quick: bool, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A random-init model with the given attention; identical weights for every impl (one seed)."""
+    import transformers as T
+
+    import hf_triton_attn
+
+    base_impl = "sdpa" if impl == "hf_triton_attn" else impl
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = (T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97, n_positions=256) if quick
+               else T.GPT2Config())
+        model = T.GPT2LMHeadModel._from_config(cfg, attn_implementation=base_impl)
+    elif kind in ("bert", "bert_cls"):
+        cfg = (T.BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=97, max_position_embeddings=256) if quick else T.BertConfig())
+        cls = T.BertForSequenceClassification if kind == "bert_cls" else T.BertModel
+        model = cls._from_config(cfg, attn_implementation=base_impl)
+    else:
+        raise ValueError(kind)
+    model = model.to(device=device, dtype=dtype)
+    if impl == "hf_triton_attn":
+        report = hf_triton_attn.patch_model(model, strict=True)
+        assert report.num_patched >= 1, str(report)
+    return model
+
+
+def padded_batch(batch: int, seqlen: int, vocab: int, device: str, seed: int = 1):
+    """Token ids and a right-padded mask with lengths uniform in [0.277 S, S] (mean ~0.64 S)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.277 * seqlen), seqlen + 1, (batch,), generator=g)
+    ids = torch.randint(1, vocab, (batch, seqlen), generator=g)
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    return ids.to(device), mask.to(device), lengths
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> tuple[float, list[float]]:
+    """Median wall-clock ms of ``fn`` (synchronized), after ``warmup`` calls; also the samples."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples), samples
+
+
+def peak_memory(device: str, fn: Callable[[], Any]) -> float | None:
+    """Peak allocated GB during one call of ``fn`` (CUDA only)."""
+    if device != "cuda":
+        fn()
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def attention_share(fn: Callable[[], Any], impl: str, device: str) -> dict[str, float] | None:
+    """CUDA time of the attention kernels / all kernels over one call of ``fn`` (torch.profiler)."""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    total = attn = 0.0
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0.0)
+        total += t
+        if any(frag in evt.key for frag in ATTENTION_KERNELS[impl]):
+            attn += t
+    return {"attention_ms": attn / 1e3, "kernels_ms": total / 1e3, "share": attn / total if total else 0.0}
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_gpt2_train(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    batch, seqlen = (2, 64) if args.quick else (8, 1024)
+    model = build("gpt2", impl, args.quick, device, dtype).train()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    ms, samples = time_ms(step, device, warmup=3, iters=args.iters)
+    rec = dict(ms=ms, samples=samples, batch=batch, seqlen=seqlen, tokens_per_s=batch * seqlen / ms * 1e3)
+    rec["peak_gb"] = peak_memory(device, step)
+    rec["profile"] = attention_share(step, impl, device)
+    del model, opt
+    return rec
+
+
+def task_gpt2_generate(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    batch, prompt, new = (2, 16, 8) if args.quick else (8, 512, 128)
+    model = build("gpt2", impl, args.quick, device, dtype).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    out_tokens = {}
+
+    @torch.no_grad()
+    def gen():
+        out_tokens["ids"] = model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+    ms, samples = time_ms(gen, device, warmup=1, iters=args.gen_iters)
+    rec = dict(ms=ms, samples=samples, batch=batch, prompt=prompt, new_tokens=new,
+               new_tokens_per_s=batch * new / ms * 1e3, peak_gb=peak_memory(device, gen))
+    rec["tokens"] = out_tokens["ids"][:, prompt:].cpu()
+    del model
+    return rec
+
+
+def _bert_inputs(args, device):
+    batch, seqlen = (4, 48) if args.quick else (32, 512)
+    vocab = 97 if args.quick else 30522
+    ids, mask, lengths = padded_batch(batch, seqlen, vocab, device)
+    return ids, mask, lengths
+
+
+def task_bert_infer(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    ids, mask, lengths = _bert_inputs(args, device)
+    model = build("bert", impl, args.quick, device, dtype).eval()
+
+    @torch.no_grad()
+    def infer():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ms, samples = time_ms(infer, device, warmup=3, iters=args.iters * 2)
+    rec = dict(ms=ms, samples=samples, batch=ids.shape[0], seqlen=ids.shape[1],
+               mean_length=float(lengths.float().mean()), fill=float(lengths.float().mean()) / ids.shape[1],
+               peak_gb=peak_memory(device, infer))
+    del model
+    return rec
+
+
+def task_bert_finetune(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    ids, mask, lengths = _bert_inputs(args, device)
+    labels = (torch.arange(ids.shape[0], device=device) % 2)
+    model = build("bert_cls", impl, args.quick, device, dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms, samples = time_ms(step, device, warmup=3, iters=args.iters)
+    rec = dict(ms=ms, samples=samples, batch=ids.shape[0], seqlen=ids.shape[1],
+               mean_length=float(lengths.float().mean()), peak_gb=peak_memory(device, step))
+    del model, opt
+    return rec
+
+
+TASKS = {"gpt2_train": task_gpt2_train, "gpt2_generate": task_gpt2_generate,
+         "bert_infer": task_bert_infer, "bert_finetune": task_bert_finetune}
+
+
+# --------------------------------------------------------------------------- parity (eval mode, before timing)
+
+
+@torch.no_grad()
+def parity(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Ours vs sdpa (and eager vs sdpa, the yardstick) on real positions, identical weights, dropout off."""
+    out = []
+    g = torch.Generator().manual_seed(4)
+    for kind in ("gpt2", "bert"):
+        seqlen = 64 if args.quick else 1024 if kind == "gpt2" else 512
+        batch = 2 if args.quick else 4
+        models = {impl: build(kind, impl, args.quick, device, dtype).eval() for impl in IMPLS}
+        vocab = models["sdpa"].config.vocab_size
+        ids = torch.randint(1, vocab, (batch, seqlen), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        mask[0, : seqlen // 3] = 0 if kind == "gpt2" else 1  # GPT-2: left padding; BERT: right padding
+        if kind == "bert":
+            mask[0, 2 * seqlen // 3:] = 0
+        res = {}
+        for impl, m in models.items():
+            o = m(input_ids=ids, attention_mask=mask)
+            res[impl] = (o.logits if kind == "gpt2" else o.last_hidden_state).float()
+        real = mask.bool()
+        scale = float(res["sdpa"][real].abs().max())
+        for impl in ("hf_triton_attn", "eager"):
+            err = float((res[impl][real] - res["sdpa"][real]).abs().max())
+            out.append(dict(model=kind, impl=impl, vs="sdpa", max_abs_err=err, rel_err=err / scale))
+        del models
+        free_memory()
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def plot(records: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path | None:
+    plt = load_pyplot()
+    if plt is None:
+        return None
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    colors = {"hf_triton_attn": "tab:red", "sdpa": "tab:blue", "eager": "tab:gray"}
+    for ax, task in zip(axes.flat, tasks):
+        rows = [r for r in records if r["task"] == task and r.get("ms") is not None]
+        ax.bar([r["impl"] for r in rows], [r["ms"] for r in rows], color=[colors[r["impl"]] for r in rows])
+        ax.set_title(task, fontsize=10)
+        ax.set_ylabel("ms (median, lower is better)")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(meta_title(meta), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--quick", action="store_true", help="tiny configs (CPU smoke test)")
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--gen-iters", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    meta = collect_meta(device)
+    meta["dtype"] = str(dtype).replace("torch.", "")
+    print(meta_title(meta), flush=True)
+    records: list[dict[str, Any]] = []
+    json_path = args.out / "models.json"
+
+    for row in parity(args, device, dtype):
+        print(f"parity {row['model']}: {row['impl']} vs sdpa max |diff| {row['max_abs_err']:.3g} "
+              f"(relative {row['rel_err']:.3g})", flush=True)
+        records.append(dict(task="parity", **row))
+
+    for task in args.tasks:
+        for impl in args.impls:
+            try:
+                rec = TASKS[task](impl, args, device, dtype)
+            except Exception as exc:  # record and go on: one failure must not lose the run
+                rec = dict(ms=None, error=short_error(exc))
+                print(f"{task} {impl}: FAILED {rec['error']}", flush=True)
+            rec.update(task=task, impl=impl)
+            records.append(rec)
+            free_memory()
+            print(f"{task:14s} {impl:15s} {fmt(rec.get('ms'), '.2f'):>9s} ms  peak {fmt(rec.get('peak_gb'), '.2f')} GB"
+                  + (f"  attention share {rec['profile']['share']:.1%} ({rec['profile']['attention_ms']:.2f} ms)"
+                     if rec.get("profile") else ""), flush=True)
+        gen = {r["impl"]: r.get("tokens") for r in records if r.get("task") == task == "gpt2_generate"}
+        if gen.get("hf_triton_attn") is not None and gen.get("sdpa") is not None:
+            same = float((gen["hf_triton_attn"] == gen["sdpa"]).float().mean())
+            print(f"gpt2_generate: fraction of new tokens identical to sdpa's: {same:.4f}", flush=True)
+            records.append(dict(task="parity", model="gpt2_generate", impl="hf_triton_attn", vs="sdpa",
+                                identical_token_fraction=same))
+        for r in records:
+            r.pop("tokens", None)
+        write_json(json_path, meta, records)
+
+    print("\n| task | hf_triton_attn ms | sdpa ms | eager ms | ours / sdpa speed-up | peak GB ours / sdpa |")
+    print("|---|---|---|---|---|---|")
+    for task in args.tasks:
+        by = {r["impl"]: r for r in records if r.get("task") == task}
+        ours, sdpa, eager = (by.get(i, {}).get("ms") for i in IMPLS)
+        speed = sdpa / ours if ours and sdpa else None
+        mem = "/".join(fmt(by.get(i, {}).get("peak_gb"), ".2f") for i in ("hf_triton_attn", "sdpa"))
+        print(f"| {task} | {fmt(ours, '.2f')} | {fmt(sdpa, '.2f')} | {fmt(eager, '.2f')} | "
+              f"{fmt(speed, '.3f')}x | {mem} |")
+    png = plot(records, meta, args.out / "models.png")
+    print(f"wrote {json_path}" + (f" and {png}" if png else ""))
+    return 0 if all(r.get("ms") is not None for r in records if r.get("task") in TASKS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
