@@ -1,5 +1,6 @@
 """hf_triton_attn: one Triton flash-attention kernel, forward and backward, for Hugging Face models."""
 
+from .modules import FlashAttention, TritonMultiHeadAttention
 from .ops import BACKENDS, flash_attention
 from .patching import PatchReport, patch_model, patched, unpatch_model
 from .reference import attention_reference
@@ -17,6 +18,7 @@ else:
     _hf_interface.register()
 
 __all__ = [
-    "BACKENDS", "Adapter", "AdapterKind", "PatchReport", "Support", "attention_reference", "flash_attention",
+    "BACKENDS", "Adapter", "AdapterKind", "FlashAttention", "PatchReport", "Support", "TritonMultiHeadAttention",
+    "attention_reference", "flash_attention",
     "patch_model", "patched", "register_adapter", "unpatch_model", "__version__",
 ]
