@@ -526,6 +526,10 @@ def flash_attention(
             max_seqlen_k=max_seqlen_k, window_size=(left, right), softcap=float(softcap),
             alibi_slopes=alibi_slopes, return_lse=return_lse, segment_ids=segment_ids)
 
+    if chosen == "interpret" and q.dtype == torch.bfloat16:
+        raise ValueError("flash_attention: backend='interpret' cannot run bfloat16: Triton's CPU interpreter "
+                         "multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584); use float16 or "
+                         "float32 on the CPU, or the GPU")
     key_mask, qmask = attention_mask, query_mask  # bool or integer, read in place
     alibi = alibi_slopes.float() if alibi_slopes is not None else None
     rng = _draw_dropout_rng(device) if dropout_p > 0 else None

@@ -169,9 +169,17 @@ def test_torch_compile_fullgraph(compile_backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter only runs on CPU")
+def test_interpreted_bf16_is_refused_not_wrong():
+    """Regression: the Triton interpreter's bf16 tl.dot returned ~8e8 errors; now a clear error."""
+    q, k, v = (t.detach().bfloat16() for t in make_qkv(1, 2, 2, 16, 16, 16, 16, torch.float32))
+    with pytest.raises(ValueError, match="cannot run bfloat16"):
+        flash_attention(q, k, v, backend="interpret")
+
+
 def test_custom_op_passes_opcheck():
     q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 12, 12, 16, 16, torch.float32))
-    args = (q, k, v, None, None, None, None, None, None, None, 12, 12, 0.25, 0.0, -1, 0, 0.0, not ON_GPU)
+    args = (q, k, v, None, None, None, None, None, None, None, None, 12, 12, 0.25, 0.0, -1, 0, 0.0, not ON_GPU)
     torch.library.opcheck(ops._flash_attn_fwd_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..ops import flash_attention
 from ..registry import Adapter, AdapterKind, Support, register_adapter
+from .forward_common import install_forward
 
 
 def _fast_path_ok(module: torch.nn.MultiheadAttention, query, key, key_padding_mask, need_weights,
@@ -62,20 +63,6 @@ def mha_forward(module: torch.nn.MultiheadAttention, original, query, key, value
     return (out if module.batch_first else out.transpose(0, 1)), None
 
 
-def _apply(module: torch.nn.MultiheadAttention):
-    original = module.forward  # the bound class method (or whatever was installed before us)
-
-    def forward(*args, **kwargs):
-        return mha_forward(module, original, *args, **kwargs)
-
-    module.forward = forward
-
-    def undo() -> None:
-        if module.__dict__.get("forward") is forward:
-            del module.forward
-    return undo
-
-
 def _checks(module: torch.nn.MultiheadAttention) -> list[str]:
     reasons = []
     if module.bias_k is not None:
@@ -89,7 +76,7 @@ TORCH_MHA = register_adapter(Adapter(
     name="torch_mha",
     kind=AdapterKind.FORWARD,
     classes=("torch.nn.modules.activation:MultiheadAttention",),
-    apply=_apply,
+    apply=lambda module: install_forward(module, mha_forward),
     support=Support(kv_cache=False, notes="need_weights=True and arbitrary attn_mask take the original forward"),
     checks=(_checks,),
     head_dim_of=lambda m: m.head_dim,
