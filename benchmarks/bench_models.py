@@ -228,6 +228,31 @@ def task_bert_finetune(impl: str, args, device: str, dtype: torch.dtype) -> dict
     return rec
 
 
+def profile_generate(args, device: str, dtype: torch.dtype, new_tokens: int = 16) -> None:
+    """Where a decode step's time goes: torch.profiler tables (CPU ops, CUDA kernels) per impl."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for impl in ("hf_triton_attn", "sdpa"):
+        model = build("gpt2", impl, args.quick, device, dtype).eval()
+        ids = torch.randint(0, model.config.vocab_size, (8, 512 if not args.quick else 16)).to(device)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            model.generate(input_ids=ids, **kw)
+            sync(device)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=acts) as prof:
+                model.generate(input_ids=ids, **kw)
+                sync(device)
+        print(f"== profile: generate {new_tokens} tokens, {impl}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+        if device == "cuda":
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10,
+                                            max_name_column_width=60))
+        del model
+        free_memory()
+
+
 TASKS = {"gpt2_train": task_gpt2_train, "gpt2_generate": task_gpt2_generate,
          "bert_infer": task_bert_infer, "bert_finetune": task_bert_finetune}
 
@@ -295,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--gen-iters", type=int, default=3)
+    ap.add_argument("--profile-generate", action="store_true", help="only print decode profiles and exit")
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = collect_meta(device)
     meta["dtype"] = str(dtype).replace("torch.", "")
     print(meta_title(meta), flush=True)
+    if args.profile_generate:
+        profile_generate(args, device, dtype)
+        return 0
     records: list[dict[str, Any]] = []
     json_path = args.out / "models.json"
 
