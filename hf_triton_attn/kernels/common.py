@@ -202,13 +202,22 @@ def score_transform(
 
 @triton.jit
 def dropout_keep(
-    seed, rng_offset, bh, offs_m, offs_n, dropout_p,
+    seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates."""
-    # Counters: c0 = key index, c1 = query index, c2 = b*H + h, c3 = per-call generator offset.
-    c0 = (offs_n[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
-    c1 = (offs_m[:, None] + 0 * offs_n[None, :]).to(tl.uint32)
-    c2 = (c0 * 0 + bh.to(tl.uint32))
-    c3 = (c0 * 0 + rng_offset.to(tl.uint32))
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+    """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates.
+
+    One Philox call yields four 32-bit numbers; they serve four consecutive keys 4g..4g+3 (g = j // 4,
+    so the mask does not depend on the block size as long as blocks start at multiples of 4). This
+    quarters the integer work, which dominated: at D = 64 a Philox per score costs more ALU time than
+    the score's share of the tensor-core dot.
+    """
+    # Counters: c0 = key group j // 4, c1 = query index, c2 = b*H + h, c3 = per-call generator offset.
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)  # [BLOCK_N // 4]
+    c0 = (groups[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
+    c1 = (offs_m[:, None] + 0 * groups[None, :]).to(tl.uint32)
+    c2 = c0 * 0 + bh.to(tl.uint32)
+    c3 = c0 * 0 + rng_offset.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BLOCK_M, BLOCK_N // 4, 2, 2]: key 4g + (2k + l)
+    u = tl.reshape(u, (offs_m.shape[0], BLOCK_N))
+    return tl.random.uint_to_uniform_float(u) >= dropout_p

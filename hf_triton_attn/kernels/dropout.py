@@ -20,7 +20,7 @@ def _dropout_mask_kernel(
     base = MASK + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     for start_n in range(0, seqlen_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+        keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
         tl.store(base + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, keep.to(tl.int8),
                  mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 

@@ -79,7 +79,7 @@ def _fwd_inner(
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+                keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
                 p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once at the end
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
