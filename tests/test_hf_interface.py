@@ -132,6 +132,7 @@ def test_from_pretrained_with_attn_implementation(tmp_path):
     ref, _ = _pair("gpt2")
     ref.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_triton_attn")
+    loaded = loaded.to(DEVICE)
     assert loaded.config._attn_implementation == "hf_triton_attn"
     ids, mask = _batch("left")
     torch.testing.assert_close(_out(loaded.eval(), ids, mask)[mask.bool()], _out(ref, ids, mask)[mask.bool()],

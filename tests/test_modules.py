@@ -109,8 +109,9 @@ def check_parity(ref: nn.MultiheadAttention, inputs, call: dict, *, ours_call: d
 
 def test_seed_snippet_runs(kernel_calls):
     q, k, v = (_rand(4, 100, 512, seed=i) for i in range(3))
-    attention = TritonMultiHeadAttention(512, 8)
-    output, attn_weights = attention(q, k, v)
+    with torch.device(q.device):  # verbatim, with the GPU as default device on the GPU run
+        attention = TritonMultiHeadAttention(512, 8)
+        output, attn_weights = attention(q, k, v)
     assert output.shape == (4, 100, 512) and attn_weights is None
     assert torch.isfinite(output).all()
     assert len(kernel_calls) == 1, "the snippet must run the kernel"
@@ -332,7 +333,7 @@ def test_parameters_init_and_state_dict_match_torch(kw):
     ours.load_state_dict(other.state_dict())
     ref.load_state_dict(ours.state_dict())
     for key, value in other.state_dict().items():
-        assert torch.equal(ref.state_dict()[key], value)
+        assert torch.equal(ref.state_dict()[key], value.cpu())
     assert ours._qkv_same_embed_dim == ref._qkv_same_embed_dim
     assert (ours.embed_dim, ours.kdim, ours.vdim, ours.num_heads, ours.head_dim) == (
         ref.embed_dim, ref.kdim, ref.vdim, ref.num_heads, ref.head_dim)

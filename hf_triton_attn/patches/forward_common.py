@@ -166,7 +166,12 @@ class InstalledForward:
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        original = self.previous if self.previous is not None else type(module).forward.__get__(module)
+        original = self.previous
+        if original is None:
+            cls_forward = type(module).forward
+
+            def original(*a, **kw):  # the class's forward bound to this module (torch.compile traces it)
+                return cls_forward(module, *a, **kw)
         return self.impl(module, original, *args, **kwargs)
 
 

@@ -42,6 +42,7 @@ NAME = "hf_triton_attn"
 _HARMLESS_KWARGS = frozenset({
     "position_ids", "use_cache", "cache_position", "output_hidden_states", "return_dict", "past_key_values",
     "layer_idx", "token_type_ids", "position_embeddings",
+    "num_items_in_batch",  # transformers.Trainer passes it down for loss normalisation
 })
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # set by patch_model on attention modules that include/exclude keep on the model's eager attention
