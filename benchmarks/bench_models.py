@@ -160,7 +160,6 @@ def task_gpt2_train(impl: str, args, device: str, dtype: torch.dtype) -> dict[st
     rec = dict(ms=ms, samples=samples, batch=batch, seqlen=seqlen, tokens_per_s=batch * seqlen / ms * 1e3)
     rec["peak_gb"] = peak_memory(device, step)
     rec["profile"] = attention_share(step, impl, device)
-    del model, opt
     return rec
 
 
@@ -182,7 +181,6 @@ def task_gpt2_generate(impl: str, args, device: str, dtype: torch.dtype) -> dict
     rec = dict(ms=ms, samples=samples, batch=batch, prompt=prompt, new_tokens=new,
                new_tokens_per_s=batch * new / ms * 1e3, peak_gb=peak_memory(device, gen))
     rec["tokens"] = out_tokens["ids"][:, prompt:].cpu()
-    del model
     return rec
 
 
@@ -205,7 +203,6 @@ def task_bert_infer(impl: str, args, device: str, dtype: torch.dtype) -> dict[st
     rec = dict(ms=ms, samples=samples, batch=ids.shape[0], seqlen=ids.shape[1],
                mean_length=float(lengths.float().mean()), fill=float(lengths.float().mean()) / ids.shape[1],
                peak_gb=peak_memory(device, infer))
-    del model
     return rec
 
 
@@ -224,7 +221,6 @@ def task_bert_finetune(impl: str, args, device: str, dtype: torch.dtype) -> dict
     ms, samples = time_ms(step, device, warmup=3, iters=args.iters)
     rec = dict(ms=ms, samples=samples, batch=ids.shape[0], seqlen=ids.shape[1],
                mean_length=float(lengths.float().mean()), peak_gb=peak_memory(device, step))
-    del model, opt
     return rec
 
 
