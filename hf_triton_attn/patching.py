@@ -1,8 +1,13 @@
 """patch_model / unpatch_model / patched(): apply registry adapters to a model's modules.
 
 Patching never touches parameters, buffers or state_dict keys: forward adapters install an
-instance-level ``forward``, and each patch keeps the exact callable that undoes it, stored on the
-model (``model._hf_triton_attn_undo``), so ``unpatch_model`` restores the model as it was.
+instance-level ``forward``, the interface adapter switches configs, and each patched module keeps the
+object that undoes exactly its patch in its own ``__dict__`` (``_hf_triton_attn_undo``), so
+``unpatch_model`` of any module containing it — the model, a PEFT wrapper around it, or the model
+``merge_and_unload()`` returns — restores it. The undo records are plain picklable objects, not
+closures: ``copy.deepcopy`` and ``torch.save`` of a patched model give an independent patched model.
+Attributes are read from ``__dict__``, never with ``getattr`` (PEFT wrappers forward unknown
+attributes to the wrapped model).
 """
 
 from __future__ import annotations
@@ -74,10 +79,7 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
     include = list(include) if include is not None else None
     exclude = list(exclude) if exclude is not None else []
     report = PatchReport()
-    undo = getattr(model, _UNDO_ATTR, None)
-    if undo is None:
-        undo = []
-        object.__setattr__(model, _UNDO_ATTR, undo)  # a plain attribute: not a submodule, not state
+    newly: list[torch.nn.Module] = []
     covered: list[tuple[str, object]] = []  # (name prefix, adapter) of whole-model patches
     model_wide_skips: list[tuple[str, str]] = []  # (name, label) of models a model-wide adapter skipped
     patched_names: list[str] = []
@@ -88,7 +90,7 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
         if any(a is adapter and (not prefix or name.startswith(prefix + ".")) for prefix, a in covered):
             continue  # inside a model this adapter already switched as a whole (e.g. LlamaModel in ForCausalLM)
         label = name or type(module).__name__
-        if getattr(module, _MARK_ATTR, None) is not None:
+        if module.__dict__.get(_MARK_ATTR) is not None:
             report.already_patched.append(label)
             if adapter.kind is not AdapterKind.FORWARD:
                 covered.append((name, adapter))
@@ -126,8 +128,9 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
         restore = adapter.apply(module) if excluded is None else adapter.apply(module, excluded=excluded)
         if adapter.kind is not AdapterKind.FORWARD:
             covered.append((name, adapter))
-        object.__setattr__(module, _MARK_ATTR, adapter.name)
-        undo.append((module, restore))
+        object.__setattr__(module, _MARK_ATTR, adapter.name)  # plain attributes: not submodules, not state
+        object.__setattr__(module, _UNDO_ATTR, restore)
+        newly.append(module)
         report.patched.setdefault(adapter.name, []).append(label)
         patched_names.append(name)
     if strict:
@@ -138,34 +141,37 @@ def patch_model(model: torch.nn.Module, *, strict: bool = False,
             if any(not name or p.startswith(name + ".") for p in patched_names):
                 unservable.pop(label, None)
         if unservable:
-            unpatch_model(model)
+            _undo_modules(newly)
             raise ValueError("patch_model(strict=True): cannot serve "
                              + "; ".join(f"{n} ({r})" for n, r in sorted(unservable.items())))
     return report
 
 
-def _undo_to(model: torch.nn.Module, keep: int) -> None:
-    """Undo the patches applied after the first ``keep`` ones, newest first."""
-    undo = getattr(model, _UNDO_ATTR, None) or []
-    while len(undo) > keep:
-        module, restore = undo.pop()
-        restore()
-        object.__delattr__(module, _MARK_ATTR)
-    if not undo and hasattr(model, _UNDO_ATTR):
-        object.__delattr__(model, _UNDO_ATTR)
+def _undo_modules(modules: Iterable[torch.nn.Module]) -> None:
+    """Undo the patches of ``modules``, last patched first."""
+    for module in reversed(list(modules)):
+        restore = module.__dict__.pop(_UNDO_ATTR, None)
+        if restore is not None:
+            restore()
+        module.__dict__.pop(_MARK_ATTR, None)
+
+
+def _patched_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if _UNDO_ATTR in m.__dict__]
 
 
 def unpatch_model(model: torch.nn.Module) -> None:
-    """Undo every patch ``patch_model`` applied to ``model``, in reverse order."""
-    _undo_to(model, 0)
+    """Undo every patch inside ``model`` (applied by ``patch_model`` to it, to a model it wraps, or to a
+    wrapper it was taken out of), in reverse order. Unpatched models are left as they are."""
+    _undo_modules(_patched_modules(model))
 
 
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, **kwargs) -> Iterator[PatchReport]:
     """``with patched(model) as report: ...`` patches on entry; on exit undoes what it patched."""
-    keep = len(getattr(model, _UNDO_ATTR, None) or [])
+    before = {id(m) for m in _patched_modules(model)}
     report = patch_model(model, **kwargs)
     try:
         yield report
     finally:
-        _undo_to(model, keep)
+        _undo_modules(m for m in _patched_modules(model) if id(m) not in before)

@@ -221,7 +221,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> (out (B, Sq, Hq, Dv), None), like transformers' sdpa."""
     causal, window = _window(module, is_causal, sliding_window)
-    if getattr(module, EXCLUDED_ATTR, False):  # patch_model(exclude=...): eager on request, no warning
+    if module.__dict__.get(EXCLUDED_ATTR, False):  # patch_model(exclude=...): eager on request, no warning
         extra = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap)) if v is not None}
         return _eager(module, query, key, value, attention_mask, None, causal, window, dropout, scaling,
                       **extra, **kwargs)
@@ -319,7 +319,22 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     return found
 
 
-def _apply(model: torch.nn.Module, excluded: list[torch.nn.Module] = ()):
+class _RestoreInterface:
+    """Undo of ``_apply``: the previous ``_attn_implementation`` of each config and the exclusion
+    marks. An object, not a closure: ``copy.deepcopy`` of a patched model maps these references to the
+    copy's configs and modules (a closure would keep pointing at the original's), and it pickles."""
+
+    def __init__(self, previous: list, marked: list) -> None:
+        self.previous, self.marked = previous, marked
+
+    def __call__(self) -> None:
+        for m in self.marked:
+            m.__dict__.pop(EXCLUDED_ATTR, None)
+        for cfg, value in reversed(self.previous):
+            cfg._attn_implementation_internal = value
+
+
+def _apply(model: torch.nn.Module, excluded: list[torch.nn.Module] = ()) -> _RestoreInterface:
     """Set ``config._attn_implementation`` to ours on the model and every sub-model's config;
     mark the ``excluded`` attention modules so that they keep the eager attention."""
     previous: list[tuple[object, str | None]] = []
@@ -331,14 +346,7 @@ def _apply(model: torch.nn.Module, excluded: list[torch.nn.Module] = ()):
     marked = list(excluded)
     for m in marked:
         object.__setattr__(m, EXCLUDED_ATTR, True)
-
-    def undo() -> None:
-        for m in marked:
-            if EXCLUDED_ATTR in m.__dict__:
-                object.__delattr__(m, EXCLUDED_ATTR)
-        for cfg, value in reversed(previous):
-            cfg._attn_implementation_internal = value
-    return undo
+    return _RestoreInterface(previous, marked)
 
 
 def _check(model: torch.nn.Module) -> list[str]:
