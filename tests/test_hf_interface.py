@@ -116,9 +116,10 @@ def test_kernel_path_really_runs(monkeypatch):
     assert len(calls) == 2 and calls[0]["causal"] and calls[0]["attention_mask"] is not None
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_generate_with_left_padding_matches_eager(cache):
-    ref, ours = _pair("llama")
+def test_greedy_generate_with_left_padding_matches_eager(cache, name):
+    ref, ours = _pair(name)
     ids, mask = _batch("left", 11)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     if cache == "static":
@@ -340,3 +341,22 @@ def test_include_exclude_select_attention_modules_inside_a_model(monkeypatch):
     assert report.num_patched == 1 and not report.skipped
     report = hf_triton_attn.patch_model(hf_triton_attn.unpatch_model(model) or model, include=["nothing*"])
     assert report.num_patched == 0 and report.skipped["LlamaForCausalLM"] == "not matched by include"
+
+
+def test_chunked_prefill_with_a_cache_matches_one_pass(monkeypatch):
+    """Prefill in chunks (Sq > 1 queries against a longer cache: bottom-right causal, kv offset) gives the
+    logits of one full pass, with dynamic and static caches."""
+    _, ours = _pair("llama")
+    ids, mask = _batch("right", 21)
+    ids, mask = ids[1:], mask[1:]  # one unpadded row: chunks see every earlier key
+    full = ours(input_ids=ids).logits
+    calls = spy_on(monkeypatch, hf_interface)
+    for cache in (transformers.DynamicCache(config=ours.config),
+                  transformers.StaticCache(config=ours.config, max_cache_len=32)):
+        parts = []
+        for lo, hi in ((0, 8), (8, 17), (17, 21)):
+            out = ours(input_ids=ids[:, lo:hi], past_key_values=cache, use_cache=True,
+                       cache_position=torch.arange(lo, hi, device=DEVICE))
+            parts.append(out.logits)
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+    assert any(c["causal"] and c.get("seqused_k") is None for c in calls)

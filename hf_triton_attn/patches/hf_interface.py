@@ -125,9 +125,20 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     if (packed_ids is not None and attention_mask is None and q_offset == 0 and kv_offset == 0
             and q_length == kv_length == packed_ids.shape[-1]):
         return packed_ids.expand(batch_size, -1).unsqueeze(1)
-    if _familiar(mask_function):
-        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                                    attention_mask, **kwargs)
+    if _familiar(mask_function) and isinstance(kv_offset, int) and kv_offset == 0:
+        if attention_mask is None and isinstance(q_offset, int) and isinstance(kv_length, int):
+            used = q_offset + q_length
+            if used < kv_length:
+                # A preallocated (static) cache without a padding mask: only the first `used` slots
+                # hold keys; an all-ones mask of that length makes the attention use seqused_k.
+                device = kwargs.get("device")
+                return torch.ones(batch_size, used, dtype=torch.bool, device=device)
+            return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                        attention_mask, **kwargs)
+        if attention_mask is not None:
+            return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                        attention_mask, **kwargs)
+    # Rolling (sliding-window) caches with a kv offset, traced offsets: the exact 4-D mask.
     kwargs.pop("allow_is_causal_skip", None)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
