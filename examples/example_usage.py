@@ -40,12 +40,11 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -65,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from hf_triton_attn import TritonMultiHeadAttention  # noqa: E402
+from hf_triton_attn.cli import auto_backend  # noqa: E402
 
 __all__ = ["CorrectnessError", "StandardMultiHeadAttention", "run_benchmark_suite", "main"]
 
@@ -144,19 +144,6 @@ def kernel_backend(device: str) -> str:
 
     return "interpret" if interpreted() else "reference"
 
-
-@contextlib.contextmanager
-def _auto_backend(backend: str) -> Iterator[None]:
-    """Modules call ``flash_attention`` with the auto backend; HF_TRITON_ATTN_BACKEND picks it here."""
-    old = os.environ.get("HF_TRITON_ATTN_BACKEND")
-    os.environ["HF_TRITON_ATTN_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("HF_TRITON_ATTN_BACKEND", None)
-        else:
-            os.environ["HF_TRITON_ATTN_BACKEND"] = old
 
 
 def _progress(total: int, desc: str):
@@ -347,7 +334,7 @@ def run_benchmark_suite(
     records: list[Record] = []
     json_path = out_dir / "example_usage.json"
     bar = _progress(len(configs), "example_usage") if verbose else None
-    with _auto_backend(backend):
+    with auto_backend(backend):
         for d_model, heads, seqlen in configs:
             if bar is not None:
                 bar.set_postfix_str(f"d_model={d_model} H={heads} S={seqlen}")

@@ -109,7 +109,7 @@ def _rerun_interpreted(command: str, argv: list[str]) -> int | None:
 
 
 @contextlib.contextmanager
-def _auto_backend(backend: str) -> Iterator[None]:
+def auto_backend(backend: str) -> Iterator[None]:
     """Make auto-backend calls (those inside patched models and modules) take ``backend`` in this block."""
     old = os.environ.get("HF_TRITON_ATTN_BACKEND")
     os.environ["HF_TRITON_ATTN_BACKEND"] = backend
@@ -322,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ImportError:
         print("transformers is not installed: `pip install hf-triton-attn[hf]` for the model demos")
         return 0
-    with _auto_backend(backend):
+    with auto_backend(backend):
         if not args.skip_bert:
             _demo_bert(device, repeats, SENTENCES[: max(2, args.sentences)])
         if not args.skip_gpt2:

@@ -52,17 +52,15 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import flash_attention
-from ..registry import Adapter, AdapterKind, Support, register_adapter
 from .forward_common import (
     check_dropout,
     check_hidden_states,
     check_key_length,
     dropout_of,
     fallback_warning,
-    forward_overridden,
-    install_forward,
     model_module,
     read_causal_mask,
+    register_forward_adapter,
 )
 
 __all__ = ["BLOOM", "alibi_slopes_of", "contiguous_keys"]
@@ -162,14 +160,8 @@ def bloom_forward(module, original, hidden_states, residual, alibi, attention_ma
     return output, None
 
 
-BLOOM = register_adapter(Adapter(
-    name="bloom",
-    kind=AdapterKind.FORWARD,
-    classes=(_CLASS,),
-    apply=lambda module: install_forward(module, bloom_forward),
-    support=Support(torch_compile=False,
-                    notes="ALiBi from the mask's cumsum as a per-row shift of the kernel's ALiBi; "
-                          "padding with holes and output_attentions=True take the original forward"),
-    checks=(lambda m: forward_overridden(m, _CLASS),),
-    head_dim_of=lambda m: m.head_dim,
-))
+BLOOM = register_forward_adapter(
+    "bloom", _CLASS, bloom_forward,
+    notes="ALiBi from the mask's cumsum as a per-row shift of the kernel's ALiBi; "
+          "padding with holes and output_attentions=True take the original forward",
+)

@@ -54,7 +54,6 @@ import math
 import torch
 
 from ..ops import flash_attention
-from ..registry import Adapter, AdapterKind, Support, register_adapter
 from .bloom import alibi_conditions, alibi_slopes_of
 from .forward_common import (
     check_dropout,
@@ -62,11 +61,10 @@ from .forward_common import (
     check_key_length,
     dropout_of,
     fallback_warning,
-    forward_overridden,
-    install_forward,
     model_module,
     plain_expected,
     read_causal_mask,
+    register_forward_adapter,
 )
 
 __all__ = ["FALCON"]
@@ -178,14 +176,8 @@ def falcon_forward(module, original, hidden_states, alibi, attention_mask, posit
     return module.dense(out), None
 
 
-FALCON = register_adapter(Adapter(
-    name="falcon",
-    kind=AdapterKind.FORWARD,
-    classes=(_CLASS,),
-    apply=lambda module: install_forward(module, falcon_forward),
-    support=Support(torch_compile=False,
-                    notes="rotary (MHA, multi_query, new_decoder_architecture GQA) and ALiBi, eager or SDPA "
-                          "branch reproduced; output_attentions=True takes the original forward"),
-    checks=(lambda m: forward_overridden(m, _CLASS),),
-    head_dim_of=lambda m: m.head_dim,
-))
+FALCON = register_forward_adapter(
+    "falcon", _CLASS, falcon_forward,
+    notes="rotary (MHA, multi_query, new_decoder_architecture GQA) and ALiBi, eager or SDPA "
+          "branch reproduced; output_attentions=True takes the original forward",
+)

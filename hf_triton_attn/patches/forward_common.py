@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import allowed_positions
-from ..registry import resolve_class
+from ..registry import Adapter, AdapterKind, Support, register_adapter, resolve_class
 
 __all__ = ["CausalPadding", "read_causal_mask", "plain_expected", "fallback_warning", "forward_overridden",
            "check_hidden_states", "check_dropout", "check_key_length", "dropout_of", "model_module",
-           "install_forward"]
+           "install_forward", "register_forward_adapter"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -212,3 +212,35 @@ def dropout_of(module: torch.nn.Module, dropout: torch.nn.Dropout) -> float:
 def check_dropout(module: torch.nn.Module, dropout: torch.nn.Dropout) -> str | None:
     p = dropout_of(module, dropout)
     return None if 0.0 <= p < 1.0 else f"attention dropout {p} (the kernel takes [0, 1))"
+
+
+class _InstallWith:
+    """``apply`` of a forward adapter: installs ``impl`` (picklable, unlike a lambda)."""
+
+    def __init__(self, impl: Callable) -> None:
+        self.impl = impl
+
+    def __call__(self, module: torch.nn.Module) -> Callable[[], None]:
+        return install_forward(module, self.impl)
+
+
+class _NotOverridden:
+    """Default check: subclasses that override ``forward`` (e.g. FlashAttention-2 classes) are skipped."""
+
+    def __init__(self, class_path: str) -> None:
+        self.class_path = class_path
+
+    def __call__(self, module: torch.nn.Module) -> list[str]:
+        return forward_overridden(module, self.class_path)
+
+
+def register_forward_adapter(name: str, class_path: str, impl: Callable, notes: str,
+                             checks: tuple[Callable[[torch.nn.Module], list[str]], ...] | None = None) -> Adapter:
+    """Register a forward adapter for an HF attention class with a ``head_dim`` attribute; its checks
+    default to "the class's own forward is the one we replace"."""
+    return register_adapter(Adapter(
+        name=name, kind=AdapterKind.FORWARD, classes=(class_path,), apply=_InstallWith(impl),
+        support=Support(torch_compile=False, notes=notes),
+        checks=checks if checks is not None else (_NotOverridden(class_path),),
+        head_dim_of=lambda m: m.head_dim,
+    ))

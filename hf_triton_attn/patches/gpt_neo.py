@@ -46,7 +46,6 @@ from __future__ import annotations
 import torch
 
 from ..ops import flash_attention
-from ..registry import Adapter, AdapterKind, Support, register_adapter
 from .forward_common import (
     check_dropout,
     check_hidden_states,
@@ -54,8 +53,8 @@ from .forward_common import (
     dropout_of,
     fallback_warning,
     forward_overridden,
-    install_forward,
     read_causal_mask,
+    register_forward_adapter,
 )
 
 __all__ = ["GPT_NEO"]
@@ -132,15 +131,9 @@ def _checks(module: torch.nn.Module) -> list[str]:
     return reasons
 
 
-GPT_NEO = register_adapter(Adapter(
-    name="gpt_neo",
-    kind=AdapterKind.FORWARD,
-    classes=(_CLASS,),
-    apply=lambda module: install_forward(module, neo_forward),
-    support=Support(torch_compile=False,
-                    notes="global and local (window w -> (w - 1, 0)) layers, unscaled scores; "
-                          "output_attentions=True and non-causal 4-D masks take the original forward"),
+GPT_NEO = register_forward_adapter(
+    "gpt_neo", _CLASS, neo_forward,
+    notes="global and local (window w -> (w - 1, 0)) layers, unscaled scores; "
+          "output_attentions=True and non-causal 4-D masks take the original forward",
     checks=(_checks,),
-    head_dim_of=lambda m: m.head_dim,
-))
-
+)
