@@ -13,6 +13,9 @@ Three sections, every provider measured side by side in this one process:
 * ``padded``: a BERT-like right-padded batch; ours skips padding through ``attention_mask`` and
   ``query_mask``, SDPA gets a boolean (B, 1, 1, S) mask (flash: no mask, dense work).
 * ``decode``: one query token against a KV cache, GQA 32:8 and MHA 32:32.
+* ``dropout``: fwd+bwd at B=16, H=32, S=1024, D=64, dropout 0 and 0.1 (ours and SDPA with the same p).
+
+``--sections padded,decode`` runs a subset.
 
 Times are medians of ``triton.testing.do_bench``. Before timing a config, ours is checked against
 SDPA (flash, else math) in the same dtype; the max abs errors go in the JSON. A provider that
@@ -83,6 +86,9 @@ PADDED_SHAPE = {"B": 32, "H": 12, "S": 512, "D": 64}
 PADDED_FILLS = (0.25, 0.6, 1.0)
 DECODE_CACHES = ((1, 8192), (1, 131072), (16, 8192), (64, 2048), (8, 32768))
 DECODE_HEADS = ((32, 8), (32, 32))
+DROPOUT_SHAPE = {"B": 16, "H": 32, "S": 1024, "D": 64}
+DROPOUT_PS = (0.0, 0.1)
+SECTIONS = ("kernels", "padded", "decode", "dropout")
 
 
 # --------------------------------------------------------------------------- plan
@@ -172,6 +178,7 @@ class Candidate:
     sdpa_backend: SDPBackend | None = None
     error: str | None = None
     note: str | None = None
+    inputs: tuple[torch.Tensor, ...] | None = None  # its own inputs (ours_varlen), else the config's
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """The SDPA backend restriction this provider runs under (none for ours and flex)."""
@@ -324,6 +331,10 @@ def time_candidate(
     if cand.forward is None:
         return None, cand.error
     forward = cand.forward
+    if cand.inputs is not None:
+        inputs = cand.inputs
+        if dout is not None:
+            dout = torch.randn(inputs[0].shape[:-1] + (inputs[2].shape[-1],), dtype=dout.dtype, device=dout.device)
     fn = forward if mode == "fwd" else (lambda: forward().backward(dout))
     try:
         with cand.context():
@@ -442,6 +453,7 @@ def run_padded_case(bench: Bench, shape: dict[str, int], dtype: str, fill: float
     q, k, v = (hf_layout(b, s, h, d, DTYPES[dtype], bench.device, grad) for _ in range(3))
     key_mask = mask[:, None, None, :]
     candidates = [build("ours", lambda: ours(bench, q, k, v, attention_mask=mask, query_mask=mask))]
+    candidates.append(build("ours_varlen", lambda: ours_varlen(bench, q, k, v, lengths)))
     for name in sdpa_names(bench):
         kwargs = {} if name == "sdpa_flash" else {"attn_mask": key_mask}
         cand = build(name, functools.partial(sdpa, name, q, k, v, **kwargs))
@@ -451,6 +463,26 @@ def run_padded_case(bench: Bench, shape: dict[str, int], dtype: str, fill: float
     references = [sdpa(name, q, k, v, attn_mask=key_mask) for name in reference_names(bench, masked=True)]
     checked = check(candidates[0], references, (q, k, v), dout, dtype, row_mask=row_mask)
     return measure_all(bench, base, candidates, checked, mode, (q, k, v), dout)
+
+
+def ours_varlen(bench: Bench, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> Candidate:
+    """Ours on the same batch packed (padding-free, cu_seqlens): the packing is outside timing, the
+    result is re-padded by indexing (timed, as a model-level unpadding adapter would not need it)."""
+    b, h, s, d = q.shape
+    real = (torch.arange(s)[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1).to(q.device)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = lengths.cumsum(0).to(torch.int32)
+    max_len = int(lengths.max())
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) view of (B, S, H, D) -> (T, H, D)
+        return t.transpose(1, 2).reshape(b * s, h, d).index_select(0, real).detach().requires_grad_(t.requires_grad)
+
+    qp, kp, vp = pack(q), pack(k), pack(v)
+    fn = ours_function()
+    call = functools.partial(fn, qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                             max_seqlen_k=max_len, backend=bench.ours_backend)
+    return Candidate("ours_varlen", call, note="packed tokens (T, H, D); inputs differ, not checked",
+                     inputs=(qp, kp, vp))
 
 
 # --------------------------------------------------------------------------- section: decode
@@ -509,6 +541,42 @@ def run_decode_case(bench: Bench, hq: int, hkv: int, b: int, cache: int, d: int,
     return records
 
 
+# --------------------------------------------------------------------------- section: dropout
+
+
+def run_dropout_case(bench: Bench, shape: dict[str, int], dtype: str, p: float) -> list[Record]:
+    """fwd+bwd with attention dropout ``p`` for ours and each SDPA backend (checked at p = 0 only:
+    with p > 0 the masks are random and differ between implementations)."""
+    b, h, s, d = shape["B"], shape["H"], shape["S"], shape["D"]
+    base: Record = {"bench": "dropout", "dtype": dtype, "B": b, "H": h, "S": s, "D": d, "mode": "fwdbwd",
+                    "dropout_p": p}
+    q, k, v = (hf_layout(b, s, h, d, DTYPES[dtype], bench.device, True) for _ in range(3))
+    candidates = [build("ours", lambda: ours(bench, q, k, v, dropout_p=p))]
+    candidates += [build(name, functools.partial(sdpa, name, q, k, v, dropout_p=p)) for name in sdpa_names(bench)]
+    dout = torch.randn_like(q)
+    if p == 0:
+        references = [sdpa(name, q, k, v) for name in reference_names(bench)]
+        checked = check(candidates[0], references, (q, k, v), dout, dtype)
+    else:
+        checked = {"ok": None, "note": "random masks: not comparable"}
+    return measure_all(bench, base, candidates, checked, "fwdbwd", (q, k, v), dout)
+
+
+def dropout_summary(records: Sequence[Record]) -> list[str]:
+    """Dropout: fwd+bwd ms at each p per provider, and the relative cost of p > 0."""
+    rows = [r for r in records if r["bench"] == "dropout"]
+    if not rows:
+        return []
+    r0 = rows[0]
+    lines = [f"== dropout fwd+bwd B{r0['B']} H{r0['H']} S{r0['S']} D{r0['D']} {r0['dtype']}: ms at p = "
+             + " / ".join(str(p) for p in sorted({r["dropout_p"] for r in rows})) + " (overhead) =="]
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        times = [r.get("ms") for r in sorted(rows, key=lambda r: r["dropout_p"]) if r["provider"] == provider]
+        over = f"{(times[-1] / times[0] - 1) * 100:+.0f}%" if None not in times and times[0] else "-"
+        lines.append(f"  {provider:16s} " + " / ".join(fmt(t, ".3f") for t in times) + f"  ({over})")
+    return lines
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -523,20 +591,27 @@ def run_section(bench: Bench, title: str, jobs: Sequence[Callable[[], list[Recor
     print(f"[{title}] {len(jobs)} configs in {bench.meta['elapsed_s'][title]:.0f} s", flush=True)
 
 
-def run_all(bench: Bench, plan: Plan) -> None:
-    """The three sections, in order."""
-    run_section(bench, "kernels", [functools.partial(run_grid_case, bench, case) for case in plan.grid])
-    padded = functools.partial(run_padded_case, bench, plan.padded_shape, plan.padded_dtype)
-    run_section(
-        bench,
-        "padded",
-        [functools.partial(padded, fill, mode) for fill in plan.padded_fills for mode in MODES],
-    )
-    decode = [
-        functools.partial(run_decode_case, bench, hq, hkv, b, n, plan.decode_d, plan.decode_dtype)
-        for hq, hkv, b, n in plan.decode
-    ]
-    run_section(bench, "decode", decode)
+def run_all(bench: Bench, plan: Plan, sections: Sequence[str] = SECTIONS) -> None:
+    """The sections, in order."""
+    if "kernels" in sections:
+        run_section(bench, "kernels", [functools.partial(run_grid_case, bench, case) for case in plan.grid])
+    if "padded" in sections:
+        padded = functools.partial(run_padded_case, bench, plan.padded_shape, plan.padded_dtype)
+        run_section(
+            bench,
+            "padded",
+            [functools.partial(padded, fill, mode) for fill in plan.padded_fills for mode in MODES],
+        )
+    if "decode" in sections:
+        decode = [
+            functools.partial(run_decode_case, bench, hq, hkv, b, n, plan.decode_d, plan.decode_dtype)
+            for hq, hkv, b, n in plan.decode
+        ]
+        run_section(bench, "decode", decode)
+    if "dropout" in sections:
+        shape = plan.padded_shape if bench.device == "cpu" else DROPOUT_SHAPE
+        run_section(bench, "dropout", [functools.partial(run_dropout_case, bench, shape, plan.decode_dtype, p)
+                                       for p in DROPOUT_PS])
 
 
 # --------------------------------------------------------------------------- figures and summary
@@ -706,6 +781,7 @@ def summary(meta: dict[str, Any], records: Sequence[Record]) -> str:
         kernels_summary(records, ["sdpa_cudnn", "sdpa_flash"] if meta["device"] == "cuda" else ["sdpa_math"]),
         padded_summary(records),
         decode_summary(records),
+        dropout_summary(records),
         check_summary(records),
         error_summary(records),
     ]
@@ -728,6 +804,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--flex", action="store_true", help="also time torch.compile'd FlexAttention")
     parser.add_argument(
+        "--sections",
+        type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+        default=list(SECTIONS),
+        help=f"comma list of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
         "--cpu",
         action="store_true",
         help="no GPU: tiny sizes, ours through the Triton interpreter vs SDPA math",
@@ -738,6 +820,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="only redraw figures and reprint the summary from OUT/kernels.json",
     )
     args = parser.parse_args(argv)
+    for section in args.sections:
+        if section not in SECTIONS:
+            parser.error(f"--sections: unknown section {section!r}, expected some of {list(SECTIONS)}")
     for dtype in args.dtypes or ():
         if dtype not in DTYPES:
             parser.error(f"--dtypes: unknown dtype {dtype!r}, expected some of {sorted(DTYPES)}")
@@ -767,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         bench.meta["method"] = METHOD
         torch.manual_seed(0)
-        run_all(bench, make_plan(args))
+        run_all(bench, make_plan(args), args.sections)
         meta, records = bench.meta, bench.records
         bench.save()
     for path in make_figures(meta, records, args.out):

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The one script run on the GPU machine: GPU tests, then the kernel benchmark.
+# The one script run on the GPU machine: GPU tests, the GPU fuzz run, host overhead per call,
+# then the kernel and model benchmarks.
 #
 #   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
 #
-# OUT (default ./gpu_out) receives gpu_tests.log, bench.log, kernels.json, models.json/log and
-# the PNGs (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS / BENCH_ARGS / MODELS_ARGS /
-# SWEEP_ARGS pass options on; TESTS=0 / BENCH=0 / MODELS=0 skip a stage. On a multi-GPU host,
+# OUT (default ./gpu_out) receives gpu_tests.log, fuzz.log, host_overhead.json, bench.log,
+# kernels.json, models.json/log and the PNGs (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS /
+# FUZZ_ARGS / BENCH_ARGS / MODELS_ARGS / SWEEP_ARGS pass options on; TESTS=0 / FUZZ=0 / HOST=0 /
+# BENCH=0 / MODELS=0 skip a stage (FUZZ defaults to 0; FUZZ_CASES sets the number of random cases,
+# spread over FUZZ_WORKERS processes with distinct seeds). On a multi-GPU host,
 # HF_TRITON_ATTN_TEST_GPUS=N spreads the test workers over N GPUs.
 # Installs nothing. Exit status: the tests' when they failed, else the benchmark's.
 set -uo pipefail
@@ -52,6 +55,21 @@ fi
 if [ "$tests_rc" -eq 5 ]; then
     echo "(no GPU tests collected)"
     tests_rc=0
+fi
+
+if [ "${FUZZ:-0}" = "1" ]; then
+    echo "== fuzz on the GPU: ${FUZZ_CASES:-2000} random cases vs the float64 reference"
+    # shellcheck disable=SC2086
+    HF_TRITON_ATTN_FUZZ_EXAMPLES="${FUZZ_CASES:-2000}" HF_TRITON_ATTN_FUZZ_SHARDS="${FUZZ_WORKERS:-16}" \
+        python -m pytest tests/test_fuzz.py -q -p no:cacheprovider -n "${FUZZ_WORKERS:-16}" --timeout 1200 \
+        --hypothesis-show-statistics ${FUZZ_ARGS:-} 2>&1 | tee "$OUT/fuzz.log"
+    fuzz_rc=${PIPESTATUS[0]}
+    [ "$tests_rc" -eq 0 ] && tests_rc=$fuzz_rc
+fi
+
+if [ "${HOST:-1}" = "1" ]; then
+    echo "== host time per attention call (decode shape)"
+    python -m benchmarks.host_overhead --out "$OUT" 2>&1 | head -40
 fi
 
 bench_rc=0

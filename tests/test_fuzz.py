@@ -2,7 +2,10 @@
 against the float64 oracle, forward and all three gradients.
 
 Bounded in CI (HF_TRITON_ATTN_FUZZ_EXAMPLES, default 30 on CPU, derandomized so CI is
-reproducible); a failing case is printed by hypothesis with a ``@reproduce_failure`` blob.
+reproducible; 100 in the GPU test suite). The GPU fuzz run (scripts/gpu_run.sh, FUZZ=1) asks for
+2000 cases split into HF_TRITON_ATTN_FUZZ_SHARDS parametrized shards, one per xdist worker (each
+shard explores its own random examples). A failing case is printed by hypothesis as the falsifying
+example (its ``seed`` rebuilds the tensors) with a ``@reproduce_failure`` blob for replay.
 """
 
 import os
@@ -17,7 +20,8 @@ from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
 
 from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule
 
-EXAMPLES = int(os.environ.get("HF_TRITON_ATTN_FUZZ_EXAMPLES", "2000" if ON_GPU else "30"))
+SHARDS = int(os.environ.get("HF_TRITON_ATTN_FUZZ_SHARDS", "1"))
+EXAMPLES = -(-int(os.environ.get("HF_TRITON_ATTN_FUZZ_EXAMPLES", "100" if ON_GPU else "30")) // SHARDS)
 # CI replays the same cases (derandomized); HF_TRITON_ATTN_FUZZ_RANDOM=1 explores new ones.
 DERANDOMIZE = not ON_GPU and os.environ.get("HF_TRITON_ATTN_FUZZ_RANDOM", "0") != "1"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -87,7 +91,8 @@ def _build(p):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(problems())
 @pytest.mark.usefixtures("poison")
-def test_fuzz_against_oracle(p):
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_fuzz_against_oracle(shard, p):
     q, k, v, kw = _build(p)
     torch.manual_seed(p["seed"])
     out = flash_attention(q, k, v, backend=BACKEND, **kw)

@@ -46,6 +46,7 @@ HOT_PATHS = {
     "gqa_window_softcap": dict(causal=True, window_size=(256, 0), softcap=30.0),
     "dropout": dict(causal=True, dropout_p=0.1),
     "varlen": "varlen",
+    "decode": "decode",
 }
 
 
@@ -58,6 +59,11 @@ def test_no_host_sync_on_hot_path(name):
         mask = torch.ones(2, 1024, dtype=torch.bool, device="cuda")
         mask[0, 700:] = False
         kw = dict(attention_mask=mask, query_mask=mask)
+    elif kw == "decode":  # one new token against a cache with left padding (a generate step)
+        q = q[:, :, -1:].detach().requires_grad_()
+        mask = torch.ones(2, 1024, dtype=torch.bool, device="cuda")
+        mask[1, :100] = False
+        kw = dict(attention_mask=mask, causal=True)
     elif kw == "varlen":
         cu = torch.tensor([0, 300, 1024, 2048], dtype=torch.int32, device="cuda")
         q, k, v = (t.detach().transpose(1, 2).reshape(2048, 8, 64).requires_grad_() for t in (q, k, v))
@@ -91,3 +97,30 @@ def test_int64_offsets_large_tensor():
     out2 = flash_attention(q2, k, v, backend="triton")
     ref2 = attention_reference(q2[:, -2:].float(), k[:, -2:].float(), v[:, -2:].float())
     assert (out2[:, -2:].float() - ref2).abs().max() < 2e-2
+
+
+def test_long_sequence_131072_forward_backward():
+    """S = 131072, D = 128, B = 1, H = 16, causal, forward + backward (issue "Performance": memory).
+
+    The score matrix alone would be 16 * 131072**2 * 2 bytes = 550 GB: peak memory must stay a small
+    multiple of the inputs (out, dout, dq, dk, dv, LSE), and the last rows must match the reference.
+    """
+    b, h, s, d = 1, 16, 131072, 128
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v, causal=True, backend="triton")
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    one = q.numel() * q.element_size()  # 537 MB
+    assert peak <= 6 * one, f"peak {peak / 1e9:.2f} GB for inputs of {one / 1e9:.2f} GB each"
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+    # bottom-right alignment: the last 64 queries against all keys equal the last 64 rows of the full causal
+    ref = attention_reference(q[:, :1, -64:].detach().float(), k[:, :1].detach().float(), v[:, :1].detach().float(),
+                              causal=True)
+    assert (out[:, :1, -64:].float() - ref).abs().max() < 2e-2

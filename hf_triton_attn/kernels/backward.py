@@ -12,18 +12,34 @@ GQA group, so dk/dv are reduced over the group in registers: no atomics, no extr
 every launch is bitwise deterministic. dq is a separate kernel over query blocks.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
 from .common import (
+    EXTENT_CHUNK,
     LOG2E,
     allowed_mask,
+    clamp_to_extent,
     dropout_keep,
     key_range_for_query_block,
     load_segments,
+    lse_extent,
+    mask_extent,
     query_range_for_key_block,
     score_transform,
     seq_bounds,
+)
+from .configs import block_dim, dkdv_config, dq_config
+from .launch import (
+    FLAG_NAMES,
+    CachedLauncher,
+    alibi_strides,
+    feature_flag_values,
+    mask_strides,
+    ptr_or,
+    segment_strides,
 )
 
 
@@ -84,47 +100,42 @@ def _bwd_dkdv_inner(
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in tl.range(start, end, BLOCK_M):
+    for start_m in tl.range(start, end, BLOCK_M):  # clamped to the live query rows by the caller
         offs_m = start_m + offs_m0
         rows = offs_m.to(tl.int64)
         row_ok = offs_m < q_len
         lse2 = _load_lse2(lse_base + rows * stride_lm, row_ok)  # [BLOCK_M]
-        if HAS_QUERY_MASK:
-            live = tl.min(lse2, axis=0) != float("inf")  # skip blocks of padded queries only
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        delta = tl.load(delta_base + rows * stride_lm, mask=row_ok, other=0.0)
+        # [BLOCK_M, BLOCK_N] scores, probabilities recomputed from the LSE
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if HAS_SEGMENTS:  # query i in key j's run [seg_start_j, seg_end_j)
+                ok = ok & (offs_m[:, None] >= seg_start[None, :]) & (offs_m[:, None] < seg_end[None, :])
+            s2 = tl.where(ok & row_ok[:, None], s2, float("-inf"))
+        if HAS_KEY_MASK:
+            s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+        p = tl.exp2(s2 - lse2[:, None])
+        # dP = dO V^T  [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            pd = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
-            live = True
-        if live:
-            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-            delta = tl.load(delta_base + rows * stride_lm, mask=row_ok, other=0.0)
-            # [BLOCK_M, BLOCK_N] scores, probabilities recomputed from the LSE
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
-                                    HAS_SOFTCAP, HAS_ALIBI)
-            if MASKED:
-                ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-                if HAS_SEGMENTS:  # query i in key j's run [seg_start_j, seg_end_j)
-                    ok = ok & (offs_m[:, None] >= seg_start[None, :]) & (offs_m[:, None] < seg_end[None, :])
-                s2 = tl.where(ok & row_ok[:, None], s2, float("-inf"))
-            if HAS_KEY_MASK:
-                s2 = tl.where(key_ok[None, :], s2, float("-inf"))
-            p = tl.exp2(s2 - lse2[:, None])
-            # dP = dO V^T  [BLOCK_M, BLOCK_N]
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
-                inv_keep = 1.0 / (1.0 - dropout_p)
-                pd = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                pd = p
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            pd = p
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -209,25 +220,29 @@ def _bwd_dkdv_kernel(
             do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
             lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
             delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+            h_lo, h_mid_lo, h_mid_hi, h_hi = lo, mid_lo, mid_hi, hi
+            if HAS_QUERY_MASK:  # padded query rows: visit only blocks between the first and last live row
+                q_first, q_end = lse_extent(lse_base, stride_lm, q_len, EXTENT_CHUNK)
+                h_lo, h_mid_lo, h_mid_hi, h_hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, q_first, q_end, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
+                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_lo, h_mid_lo,
                 True, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
+                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_lo, h_mid_hi,
                 False, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
-                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
+                window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_hi, h_hi,
                 True, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
 
@@ -253,41 +268,36 @@ def _bwd_dq_inner(
     HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N):  # clamped to the key mask's extent by the caller
         offs_n = start_n + offs_n0
         if HAS_KEY_MASK:
-            km = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0)
-            key_ok = km != 0
-            live = tl.max(key_ok.to(tl.int32), axis=0) > 0
-        else:
-            live = True
-        if live:
-            n_ok = offs_n < k_len
-            rows = offs_n.to(tl.int64)
-            # K [BLOCK_N, BLOCK_D], V [BLOCK_N, BLOCK_DV]
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
-                                    HAS_SOFTCAP, HAS_ALIBI)
-            if MASKED:
-                ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-                if HAS_SEGMENTS:
-                    ok = ok & (offs_n[None, :] >= seg_start[:, None]) & (offs_n[None, :] < seg_end[:, None])
-                s2 = tl.where(ok, s2, float("-inf"))
-            if HAS_KEY_MASK:
-                s2 = tl.where(key_ok[None, :], s2, float("-inf"))
-            p = tl.exp2(s2 - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
-                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            key_ok = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0) != 0
+        n_ok = offs_n < k_len
+        rows = offs_n.to(tl.int64)
+        # K [BLOCK_N, BLOCK_D], V [BLOCK_N, BLOCK_DV]
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if HAS_SEGMENTS:
+                ok = ok & (offs_n[None, :] >= seg_start[:, None]) & (offs_n[None, :] < seg_end[:, None])
+            s2 = tl.where(ok, s2, float("-inf"))
+        if HAS_KEY_MASK:
+            s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+        p = tl.exp2(s2 - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -366,6 +376,9 @@ def _bwd_dq_kernel(
         start_m, q_len, k_len, window_left, window_right,
         seg_min_start, seg_max_start, seg_min_end, seg_max_end,
         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
+    if HAS_KEY_MASK:  # padding: visit only the blocks between the first and the last real key
+        key_first, key_end = mask_extent(key_mask_base, stride_kmn, k_len, EXTENT_CHUNK)
+        lo, mid_lo, mid_hi, hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, key_first, key_end, BLOCK_N)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
@@ -394,6 +407,31 @@ def _bwd_dq_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
+_launch_delta = CachedLauncher(_bwd_delta_kernel)
+_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel)
+_launch_dq = CachedLauncher(_bwd_dq_kernel)
+_DELTA_BLOCK = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
+              config: tuple | None, config_dq: tuple | None) -> tuple:
+    """Constexpr values (signature order) and launch options of the delta, dk/dv and dq kernels,
+    computed once per feature combination."""
+    block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
+    cfg = dict(config) if config else dkdv_config(block_d, block_dv, elem_size)
+    cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, elem_size)
+    common = dict(zip(FLAG_NAMES, flags), BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision)
+    delta = dict(IS_VARLEN=common["IS_VARLEN"], BLOCK_M=_DELTA_BLOCK, BLOCK_DV=block_dv)
+    dkdv = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    dq = dict(common, BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"])
+    return (tuple(delta[n] for n in _launch_delta.constexpr_names),
+            (tuple(dkdv[n] for n in _launch_dkdv.constexpr_names), cfg["BLOCK_N"], cfg["num_warps"],
+             cfg["num_stages"]),
+            (tuple(dq[n] for n in _launch_dq.constexpr_names), cfg_dq["BLOCK_M"], cfg_dq["num_warps"],
+             cfg_dq["num_stages"]))
+
+
 def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, segments, seqused_k,
               cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q: int, max_seqlen_k: int,
               num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
@@ -405,37 +443,30 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     ``query_mask`` is only used as a flag: padded query rows carry LSE = -inf from the forward.
     ``config`` / ``config_dq`` override the launch parameters of the dk/dv and dq kernels.
     """
-    from .configs import block_dim, dkdv_config, dq_config
-    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or, segment_strides
-
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv_heads = k.shape[1]
     head_dim_v = v.shape[3]
-    block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
-    cfg = dict(config) if config else dkdv_config(block_d, block_dv, q.element_size())
-    cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, q.element_size())
+    flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
+                                seqused_k, is_varlen, dropout_p)
+    delta_cx, (dkdv_cx, dkdv_block_n, dkdv_warps, dkdv_stages), (dq_cx, dq_block_m, dq_warps, dq_stages) = _bwd_meta(
+        head_dim, head_dim_v, q.element_size(), flags, dot_precision,
+        tuple(sorted(config.items())) if config else None, tuple(sorted(config_dq.items())) if config_dq else None)
     optional = tuple(ptr_or(t, lse) for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
                                               rng))
     km_strides, ab_strides = mask_strides(key_mask) + segment_strides(segments), alibi_strides(alibi)
     scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
                sm_scale, softcap, window_left, window_right, dropout_p)
-    flags = feature_flags(window_left=window_left, window_right=window_right, softcap=softcap, alibi=alibi,
-                          key_mask=key_mask, query_mask=query_mask, segments=segments, seqused_k=seqused_k,
-                          is_varlen=is_varlen, dropout_p=dropout_p) | dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision)
-    delta_block = 64
-    _bwd_delta_kernel[(triton.cdiv(max_seqlen_q, delta_block), num_seqs * num_heads)](
-        o, do, delta, optional[3], *o.stride(), *do.stride(), *delta.stride(),
-        max_seqlen_q, num_heads, head_dim_v,
-        IS_VARLEN=is_varlen, BLOCK_M=delta_block, BLOCK_DV=block_dv)
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), num_seqs * num_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, *optional,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *lse.stride(), *km_strides, *ab_strides, *scalars,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **flags)
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg_dq["BLOCK_M"]), num_seqs * num_heads)](
-        q, k, v, do, lse, delta, dq, *optional,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *lse.stride(), *km_strides, *ab_strides, *scalars,
-        BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], num_warps=cfg_dq["num_warps"],
-        num_stages=cfg_dq["num_stages"], **flags)
+    _launch_delta(
+        (triton.cdiv(max_seqlen_q, _DELTA_BLOCK), num_seqs * num_heads, 1),
+        (o, do, delta, optional[3], *o.stride(), *do.stride(), *delta.stride(), max_seqlen_q, num_heads,
+         head_dim_v), delta_cx, 4, 1)
+    _launch_dkdv(
+        (triton.cdiv(max_seqlen_k, dkdv_block_n), num_seqs * num_kv_heads, 1),
+        (q, k, v, do, lse, delta, dk, dv, *optional,
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+         *lse.stride(), *km_strides, *ab_strides, *scalars), dkdv_cx, dkdv_warps, dkdv_stages)
+    _launch_dq(
+        (triton.cdiv(max_seqlen_q, dq_block_m), num_seqs * num_heads, 1),
+        (q, k, v, do, lse, delta, dq, *optional,
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+         *lse.stride(), *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)

@@ -19,6 +19,8 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# mask / LSE entries read per step by mask_extent and lse_extent
+EXTENT_CHUNK = tl.constexpr(1024)
 
 
 @triton.jit
@@ -206,18 +208,72 @@ def dropout_keep(
 ):
     """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates.
 
-    One Philox call yields four 32-bit numbers; they serve four consecutive keys 4g..4g+3 (g = j // 4,
-    so the mask does not depend on the block size as long as blocks start at multiples of 4). This
-    quarters the integer work, which dominated: at D = 64 a Philox per score costs more ALU time than
-    the score's share of the tensor-core dot.
+    One Philox call yields four 32-bit numbers, i.e. eight 16-bit ones; they serve eight consecutive
+    keys 8g..8g+7 (g = j // 8, so the mask does not depend on the block size as long as blocks start
+    at multiples of 8). A key is kept when its 16-bit number is >= round(p * 65536): the keep rate is
+    1 - p to within 2**-17 (the output is still scaled by 1 / (1 - p), a relative bias <= 2**-17 / (1 - p),
+    far below bf16's 2**-8), and the comparison is an integer one. Why so frugal: at D = 64 one Philox
+    call (10 rounds of 32-bit mul-hi / xor) per score cost more ALU time than the score's share of the
+    tensor-core dots; one call per four keys cut the GPT-2 train step's attention time from 12.6 to
+    7.2 ms (H100, 2026-11-25, benchmarks/NOTES.md); eight keys per call halves the integer work again.
     """
-    # Counters: c0 = key group j // 4, c1 = query index, c2 = b*H + h, c3 = per-call generator offset.
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)  # [BLOCK_N // 4]
+    # Counters: c0 = key group j // 8, c1 = query index, c2 = b*H + h, c3 = per-call generator offset.
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N // 8]
     c0 = (groups[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
     c1 = (offs_m[:, None] + 0 * groups[None, :]).to(tl.uint32)
     c2 = c0 * 0 + bh.to(tl.uint32)
     c3 = c0 * 0 + rng_offset.to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
-    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BLOCK_M, BLOCK_N // 4, 2, 2]: key 4g + (2k + l)
-    u = tl.reshape(u, (offs_m.shape[0], BLOCK_N))
-    return tl.random.uint_to_uniform_float(u) >= dropout_p
+    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BLOCK_M, BLOCK_N // 8, 2, 2] uint32
+    u16 = tl.join(u & 0xFFFF, u >> 16)  # [BLOCK_M, BLOCK_N // 8, 2, 2, 2]: key 8g + (4a + 2b + c)
+    u16 = tl.reshape(u16, (offs_m.shape[0], BLOCK_N))
+    threshold = (tl.zeros([], dtype=tl.float32) + (dropout_p * 65536.0 + 0.5)).to(tl.uint32)
+    return u16 >= threshold
+
+
+@triton.jit
+def mask_extent(mask_base, stride, length, CHUNK: tl.constexpr):
+    """``[first, end)``: the first nonzero entry of ``mask[0:length]`` and one past the last one.
+
+    An all-zero mask gives (0, 0). Attention loops are clamped to this range instead of testing each
+    block for live keys inside the loop: a data-dependent branch in the loop body stops Triton's
+    software pipelining, and contiguous padding (HF's left or right padding) then costs nothing.
+    """
+    offs0 = tl.arange(0, CHUNK)
+    first = tl.zeros([], dtype=tl.int32) + length
+    last = tl.zeros([], dtype=tl.int32) - 1
+    for start in range(0, length, CHUNK):
+        offs = start + offs0
+        live = tl.load(mask_base + offs * stride, mask=offs < length, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(live, offs, length), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(live, offs, -1), axis=0))
+    end = last + 1
+    return tl.minimum(first, end), end
+
+
+@triton.jit
+def lse_extent(lse_base, stride, length, CHUNK: tl.constexpr):
+    """``[first, end)`` of the query rows whose saved LSE is finite (rows that saw a key); padded
+    query rows and rows with every key masked carry -inf and contribute nothing to dK, dV."""
+    offs0 = tl.arange(0, CHUNK)
+    first = tl.zeros([], dtype=tl.int32) + length
+    last = tl.zeros([], dtype=tl.int32) - 1
+    for start in range(0, length, CHUNK):
+        offs = start + offs0
+        live = tl.load(lse_base + offs.to(tl.int64) * stride, mask=offs < length, other=float("-inf")) != float("-inf")
+        first = tl.minimum(first, tl.min(tl.where(live, offs, length), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(live, offs, -1), axis=0))
+    end = last + 1
+    return tl.minimum(first, end), end
+
+
+@triton.jit
+def clamp_to_extent(lo, mid_lo, mid_hi, hi, first, end, BLOCK: tl.constexpr):
+    """Restrict the three loop phases ``[lo, mid_lo) [mid_lo, mid_hi) [mid_hi, hi)`` to blocks that
+    touch ``[first, end)``. The mask-free middle only shrinks (it stays inside the original one), and
+    the union still covers every position in ``[max(lo, first), min(hi, end))``."""
+    lo2 = tl.maximum(lo, (first // BLOCK) * BLOCK)
+    hi2 = tl.minimum(hi, end)
+    mid_lo2 = tl.maximum(mid_lo, lo2)
+    mid_hi2 = tl.maximum(tl.minimum(mid_hi, tl.cdiv(end, BLOCK) * BLOCK), mid_lo2)
+    return lo2, mid_lo2, mid_hi2, hi2

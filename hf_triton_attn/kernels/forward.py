@@ -7,17 +7,32 @@ evaluates a position mask. The same kernel serves dense (B, H, S, D) tensors wit
 packed varlen tensors (``IS_VARLEN``: batch stride 0, row offsets from ``cu_seqlens``).
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
 from .common import (
+    EXTENT_CHUNK,
     LN2,
     allowed_mask,
+    clamp_to_extent,
     dropout_keep,
     key_range_for_query_block,
     load_segments,
+    mask_extent,
     score_transform,
     seq_bounds,
+)
+from .configs import block_dim, fwd_config
+from .launch import (
+    FLAG_NAMES,
+    CachedLauncher,
+    alibi_strides,
+    feature_flag_values,
+    mask_strides,
+    ptr_or,
+    segment_strides,
 )
 
 
@@ -36,53 +51,50 @@ def _fwd_inner(
     HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
+    # No per-block "any live key?" branch here: it made the body an scf.if, which stops software
+    # pipelining; the caller clamps [start, end) to the mask's extent instead (common.mask_extent).
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         if HAS_KEY_MASK:
-            km = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0)
-            key_ok = km != 0
-            live = tl.max(key_ok.to(tl.int32), axis=0) > 0  # skip fully masked key blocks
+            key_ok = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0) != 0
+        # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
+        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
         else:
-            live = True
-        if live:
-            # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
-            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
-            if MASKED:
-                kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
+            if EVEN_D:
+                kT = tl.load(k_ptrs)
             else:
-                if EVEN_D:
-                    kT = tl.load(k_ptrs)
-                else:
-                    kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
-                if EVEN_DV:
-                    v = tl.load(v_ptrs)
-                else:
-                    v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
-            # [BLOCK_M, BLOCK_N] raw q.k
-            qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-            s2, _ = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
-                                    HAS_SOFTCAP, HAS_ALIBI)
-            if MASKED:
-                ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-                if HAS_SEGMENTS:  # key j in row i's run [seg_start_i, seg_end_i)
-                    ok = ok & (offs_n[None, :] >= seg_start[:, None]) & (offs_n[None, :] < seg_end[:, None])
-                s2 = tl.where(ok, s2, float("-inf"))
-            if HAS_KEY_MASK:
-                s2 = tl.where(key_ok[None, :], s2, float("-inf"))
-            # Online softmax. A row with no visible key so far keeps m = -inf; m_safe = 0 then
-            # makes p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 instead of NaN.
-            m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
-                p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once at the end
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+                kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+            if EVEN_DV:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        # [BLOCK_M, BLOCK_N] raw q.k
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        s2, _ = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if HAS_SEGMENTS:  # key j in row i's run [seg_start_i, seg_end_i)
+                ok = ok & (offs_n[None, :] >= seg_start[:, None]) & (offs_n[None, :] < seg_end[:, None])
+            s2 = tl.where(ok, s2, float("-inf"))
+        if HAS_KEY_MASK:
+            s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+        # Online softmax. A row with no visible key so far keeps m = -inf; m_safe = 0 then
+        # makes p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 instead of NaN.
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
+            p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once at the end
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -169,6 +181,9 @@ def _fwd_kernel(
         start_m, q_len, k_len, window_left, window_right,
         seg_min_start, seg_max_start, seg_min_end, seg_max_end,
         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
+    if HAS_KEY_MASK:  # padding: visit only the blocks between the first and the last real key
+        key_first, key_end = mask_extent(key_mask_base, stride_kmn, k_len, EXTENT_CHUNK)
+        lo, mid_lo, mid_hi, hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, key_first, key_end, BLOCK_N)
     # phase 1: masked blocks at the left window edge
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_base, v_base, key_mask_base,
@@ -211,6 +226,23 @@ def _fwd_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
+_launch_fwd = CachedLauncher(_fwd_kernel)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
+              config: tuple | None) -> tuple:
+    """(constexpr values in signature order, BLOCK_M, num_warps, num_stages): computed once per
+    feature combination, so a decode step pays a dict lookup instead of rebuilding them."""
+    block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
+    cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size)
+    values = dict(zip(FLAG_NAMES, flags), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
+                  BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+                  DOT_PRECISION=dot_precision)
+    return (tuple(values[n] for n in _launch_fwd.constexpr_names), cfg["BLOCK_M"], cfg["num_warps"],
+            cfg["num_stages"])
+
+
 def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
               alibi, rng, max_seqlen_q: int, max_seqlen_k: int, num_seqs: int, sm_scale: float,
               softcap: float, window_left: int, window_right: int, dropout_p: float,
@@ -220,27 +252,19 @@ def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_
     q, k, v, o are 4-D ``(B, H, S, D)`` views with any strides (varlen: batch stride 0, S = total
     tokens); lse is ``(B, H, S)`` the same way. Optional tensors are None when absent.
     """
-    from .configs import block_dim, fwd_config
-    from .launch import alibi_strides, feature_flags, mask_strides, ptr_or, segment_strides
-
     num_heads, head_dim = q.shape[1], q.shape[3]
-    kv_group = num_heads // k.shape[1]
     head_dim_v = v.shape[3]
-    block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
-    cfg = dict(config) if config else fwd_config(block_d, block_dv, q.element_size())
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * num_heads)
-    _fwd_kernel[grid](
-        q, k, v, o, lse,
-        *(ptr_or(t, lse) for t in (key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
-                                   alibi, rng)),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
-        *mask_strides(key_mask), *mask_strides(query_mask), *segment_strides(segments), *alibi_strides(alibi),
-        max_seqlen_q, max_seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
-        sm_scale, softcap, window_left, window_right, dropout_p,
-        **feature_flags(window_left=window_left, window_right=window_right, softcap=softcap, alibi=alibi,
-                        key_mask=key_mask, query_mask=query_mask, segments=segments, seqused_k=seqused_k,
-                        is_varlen=is_varlen, dropout_p=dropout_p),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, DOT_PRECISION=dot_precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
+                                seqused_k, is_varlen, dropout_p)
+    constexprs, block_m, num_warps, num_stages = _fwd_meta(
+        head_dim, head_dim_v, q.element_size(), flags, dot_precision,
+        tuple(sorted(config.items())) if config else None)
+    args = (q, k, v, o, lse,
+            ptr_or(key_mask, lse), ptr_or(query_mask, lse), ptr_or(segments, lse), ptr_or(seqused_k, lse),
+            ptr_or(cu_seqlens_q, lse), ptr_or(cu_seqlens_k, lse), ptr_or(alibi, lse), ptr_or(rng, lse),
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
+            *mask_strides(key_mask), *mask_strides(query_mask), *segment_strides(segments), *alibi_strides(alibi),
+            max_seqlen_q, max_seqlen_k, num_heads, num_heads // k.shape[1], head_dim, head_dim_v,
+            sm_scale, softcap, window_left, window_right, dropout_p)
+    grid = ((max_seqlen_q + block_m - 1) // block_m, num_seqs * num_heads, 1)
+    _launch_fwd(grid, args, constexprs, num_warps, num_stages)

@@ -145,19 +145,28 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
                      allow_is_causal_skip=False, **kwargs)
 
 
+_KNOWN_KWARGS = _HARMLESS_KWARGS | frozenset(_VARLEN_KWARGS) | {"output_attentions"}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _fallback_reason(query: torch.Tensor, attention_mask, kwargs: dict) -> str | None:
-    if kwargs.get("output_attentions"):
-        return "output_attentions=True"
-    unknown = sorted(k for k, v in kwargs.items()
-                     if k not in _HARMLESS_KWARGS and k not in _VARLEN_KWARGS and k != "output_attentions"
-                     and v is not None)
-    if unknown:
-        return f"unsupported argument(s) {', '.join(unknown)}"
-    if attention_mask is not None and attention_mask.dim() == 3 and query.shape[2] != attention_mask.shape[-1]:
-        return "packed sequence ids that do not match the query length"
-    if attention_mask is not None and attention_mask.dim() not in (2, 3):
-        return f"a {attention_mask.dim()}-D attention mask"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    """Why this call cannot run the kernel (None: it can). Runs on every call of every layer, so the
+    common case (known kwargs, a 2-D or no mask) is a few set and attribute lookups."""
+    if kwargs:
+        if kwargs.get("output_attentions"):
+            return "output_attentions=True"
+        extra = kwargs.keys() - _KNOWN_KWARGS
+        if extra:
+            unknown = sorted(k for k in extra if kwargs[k] is not None)
+            if unknown:
+                return f"unsupported argument(s) {', '.join(unknown)}"
+    if attention_mask is not None:
+        dim = attention_mask.dim()
+        if dim == 3 and query.shape[2] != attention_mask.shape[-1]:
+            return "packed sequence ids that do not match the query length"
+        if dim not in (2, 3):
+            return f"a {dim}-D attention mask"
+    if query.dtype not in _KERNEL_DTYPES:
         return f"dtype {query.dtype}"
     if query.shape[-1] > 256:
         return f"head dim {query.shape[-1]} > 256"
