@@ -33,6 +33,7 @@ __all__ = ["flash_attention", "BACKENDS"]
 BACKENDS = ("triton", "interpret", "reference")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+_DECODE_MAX_SQ = 16  # dense calls with at most this many queries take the split-KV decode kernel
 _warned_cpu_fallback = False
 
 
@@ -278,6 +279,18 @@ def _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens
     lse = _empty_lse(q, is_varlen)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    if (not is_varlen and dropout_p == 0.0 and segments is None and query_mask is None
+            and q.shape[2] <= _DECODE_MAX_SQ):
+        # Decode (a few new tokens against a cache): the split-KV kernel packs a GQA group's query
+        # heads into one tile and spreads long caches over the SMs. It writes the same O and LSE, so
+        # the backward below serves it unchanged.
+        from .kernels.decode import flash_decode
+
+        flash_decode(q, k, v, out, lse, key_mask=key_mask, seqused_k=seqused_k, alibi=alibi,
+                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_seqs=num_seqs, sm_scale=sm_scale,
+                     softcap=softcap, window_left=window_left, window_right=window_right,
+                     dot_precision=_dot_precision(q.dtype, interpret))
+        return out, lse
     from .kernels.forward import flash_fwd
 
     flash_fwd(

@@ -6,9 +6,9 @@ rejects (a ``tl.dot`` with K < 16, a non-constexpr global, ...). This script clo
 CPU-only machine:
 
 1. With ``TRITON_INTERPRET`` unset (so ``kernels/configs.py`` picks the GPU block configs), it
-   calls the public ``flash_attention`` (forward and autograd backward) and ``dropout_mask`` with
-   small CPU tensors over a matrix of cases: every constexpr flag on its own, realistic
-   combinations, and every dtype x head dim for the plain case.
+   calls the public ``flash_attention`` (forward and autograd backward), ``dropout_mask`` and the
+   split-KV decode launcher ``flash_decode`` with small CPU tensors over a matrix of cases: every
+   constexpr flag on its own, realistic combinations, and every dtype x head dim for the plain case.
 2. ``JITFunction.__getitem__`` is patched so that ``kernel[grid](*args, **kwargs)`` records the
    launch instead of running it: nothing is launched, no device is touched.
 3. Each launch is specialized the way ``JITFunction.run`` would do it on the GPU (Triton's own
@@ -33,7 +33,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_MODULES = ("common", "forward", "backward", "dropout")
+KERNEL_MODULES = ("common", "forward", "backward", "dropout", "decode")
 TARGET = ("cuda", 90, 32)  # H100: sm_90, warp size 32
 # H100 opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin). Triton checks it
 # only when it loads the cubin on a device, so a compile alone would not catch an oversized tile.
@@ -230,6 +230,63 @@ def run_dropout_mask_case(shape: tuple[int, ...]) -> None:
     dropout_mask(torch.empty(shape, dtype=torch.int8), torch.tensor([1234, 5678], dtype=torch.int64), 0.1)
 
 
+# Split-KV decode (kernels/decode.py), called directly: dtype x head dims x features, one split
+# (the split kernel writes O/LSE itself) and several (fp32 workspace + the combine kernel, whose
+# BLOCK_S follows the split count).
+DECODE_CASES = (
+    dict(dtype="float16", d=128, hq=32, hkv=8, sq=1, sk=8192, splits=(1, 32)),       # Llama-3-8B step
+    dict(dtype="bfloat16", d=64, hq=8, hkv=2, sq=4, sk=300, causal=True, key_mask="int64", splits=(1, 3)),
+    dict(dtype="float16", d=256, hq=8, hkv=4, sq=1, sk=500, window=(127, 0), softcap=50.0, splits=(1, 8)),
+    dict(dtype="float32", d=40, dv=24, hq=4, hkv=1, sq=2, sk=97, alibi="h", seqused_k=True, splits=(1, 5)),
+    dict(dtype="float32", tf32=True, d=256, hq=2, hkv=2, sq=1, sk=1000, alibi="bh", splits=(1, 64)),
+    dict(dtype="bfloat16", d=128, dv=256, hq=71, hkv=1, sq=1, sk=400, bshd=True, splits=(1, 2)),  # MQA, 2 row blocks
+    dict(dtype="float16", d=1, hq=4, hkv=2, sq=1, sk=33, key_mask="bool", splits=(1, 2)),
+    dict(dtype="float16", d=64, hq=16, hkv=2, sq=3, sk=700, causal=True, window=(255, 0), softcap=30.0,
+         alibi="bh", key_mask="bool", seqused_k=True, bshd=True, splits=(1, 16)),      # every flag
+    dict(dtype="bfloat16", d=80, hq=8, hkv=8, sq=1, sk=100, causal=True, key_mask="int32", seqused_k=True,
+         splits=(1, 4)),
+    dict(dtype="float16", d=1, hq=1, hkv=1, sq=1, sk=1, window=(1, 1), splits=(1, 2)),  # every int == 1
+)
+
+
+def _decode_label(kw: dict) -> str:
+    return "decode " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+def run_decode_case(kw: dict) -> None:
+    """flash_decode as ops would call it (causal = window_right 0), for each split count."""
+    import torch
+
+    from hf_triton_attn.kernels.decode import flash_decode
+
+    dtype = getattr(torch, kw["dtype"])
+    b, hq, hkv, sq, sk, d = 2, kw["hq"], kw["hkv"], kw["sq"], kw["sk"], kw["d"]
+    dv = kw.get("dv", d)
+    if kw.get("d") == 1 and sk == 1:
+        b = 1
+    if kw.get("bshd"):
+        q = torch.zeros(b, sq, hq, d, dtype=dtype).transpose(1, 2)
+        k = torch.zeros(b, sk, hkv, d, dtype=dtype).transpose(1, 2)
+        v = torch.zeros(b, sk, hkv, dv, dtype=dtype).transpose(1, 2)
+        o = torch.empty(b, sq, hq, dv, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.zeros(b, hq, sq, d, dtype=dtype)
+        k = torch.zeros(b, hkv, sk, d, dtype=dtype)
+        v = torch.zeros(b, hkv, sk, dv, dtype=dtype)
+        o = torch.empty(b, hq, sq, dv, dtype=dtype)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32)
+    left, right = kw.get("window", (-1, -1))
+    if kw.get("causal"):
+        right = 0 if right < 0 else min(right, 0)
+    alibi = {None: None, "h": torch.full((hq,), 0.5), "bh": torch.full((b, hq), 0.5)}[kw.get("alibi")]
+    for splits in kw["splits"]:
+        flash_decode(q, k, v, o, lse, key_mask=_mask(kw["key_mask"], (b, sk)) if kw.get("key_mask") else None,
+                     seqused_k=torch.full((b,), max(1, sk // 2), dtype=torch.int32) if kw.get("seqused_k") else None,
+                     alibi=alibi, max_seqlen_q=sq, max_seqlen_k=sk, num_seqs=b, sm_scale=d ** -0.5,
+                     softcap=kw.get("softcap", 0.0), window_left=left, window_right=right,
+                     dot_precision="tf32" if kw.get("tf32") else "ieee", num_splits=splits)
+
+
 # ----------------------------------------------------------------------------------------------
 # recording launches and turning them into compile jobs
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +425,7 @@ def collect_jobs(manual: bool) -> tuple[list[Job], list[str]]:
     recorder = Recorder()
     calls = [(case.label(), run_case, case) for case in build_cases()]
     calls += [(f"dropout_mask shape={shape}", run_dropout_mask_case, shape) for shape in DROPOUT_MASK_SHAPES]
+    calls += [(_decode_label(kw), run_decode_case, kw) for kw in DECODE_CASES]
     # The only CPU obstacle on the public path: backend="triton" insists on CUDA tensors.
     check_backend, allow_tf32 = ops._check_backend_usable, torch.backends.cuda.matmul.allow_tf32
     ops._check_backend_usable = lambda backend, device: None
@@ -503,7 +561,8 @@ def _expected_cost(job: Job) -> float:
     """Rough relative compile time: fp32 IEEE dots and big tiles are the slow ones."""
     names = list(job.signature)
     consts = {names[k[0]]: v for k, v in job.constexprs.items()}
-    cost = {"_fwd_kernel": 3.0, "_bwd_dkdv_kernel": 3.0, "_bwd_dq_kernel": 2.0}.get(job.name, 0.1)
+    cost = {"_fwd_kernel": 3.0, "_bwd_dkdv_kernel": 3.0, "_bwd_dq_kernel": 2.0,
+            "_decode_split_kernel": 2.0}.get(job.name, 0.1)
     if consts.get("DOT_PRECISION") == "ieee" and job.signature.get("Q") == "*fp32":
         cost *= 3
     return cost * (1 + sum(v for k, v in consts.items() if k.startswith("BLOCK_D")) / 256)

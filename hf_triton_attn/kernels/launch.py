@@ -124,7 +124,7 @@ class CachedLauncher:
         self.kernels: dict = {}
 
     def __call__(self, grid: tuple, args: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> None:
-        if self.fast:
+        if self.fast and args[0].is_cuda:
             from triton import knobs
 
             if knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
@@ -178,4 +178,4 @@ def _fast_launch_available() -> bool:
     except ImportError:
         return False
     major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 4)
+    return (major, minor) >= (3, 4) and torch.cuda.is_available()

@@ -1,0 +1,186 @@
+"""The split-KV decode kernels (kernels/decode.py) called directly, against the float64 oracle.
+
+Every output buffer and the split workspace start as NaN, so an element never written fails.
+"""
+
+import pytest
+import torch
+
+from hf_triton_attn.kernels.decode import decode_splits, flash_decode
+from hf_triton_attn.reference import attention_reference
+
+from .helpers import DEVICE, ON_GPU, assert_pass_rule, make_qkv, max_err
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@pytest.fixture(autouse=True)
+def poison_workspace(monkeypatch):
+    """torch.empty returns NaN-filled float tensors: the fp32 split workspace must be fully written."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def run_decode(q, k, v, *, causal=False, window=(-1, -1), key_mask=None, seqused_k=None, alibi=None,
+               softcap=0.0, num_splits=None, out_bshd=False, scale=None):
+    """flash_decode into NaN-poisoned o/lse; returns (o, lse) and checks them against the oracle."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    b, hq, sq, _ = q.shape
+    dv = v.shape[3]
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if out_bshd:  # o and lse as views of (B, S, H, .) memory, as HF's transpose(1, 2) leaves them
+        o = torch.full((b, sq, hq, dv), float("nan"), device=DEVICE, dtype=q.dtype).transpose(1, 2)
+        lse = torch.full((b, sq, hq), float("nan"), device=DEVICE).transpose(1, 2)
+    else:
+        o = torch.full((b, hq, sq, dv), float("nan"), device=DEVICE, dtype=q.dtype)
+        lse = torch.full((b, hq, sq), float("nan"), device=DEVICE)
+    o_ptr, lse_ptr = o.data_ptr(), lse.data_ptr()
+    sm_scale = scale if scale is not None else q.shape[-1] ** -0.5
+    flash_decode(q, k, v, o, lse, key_mask=key_mask, seqused_k=seqused_k, alibi=alibi, max_seqlen_q=sq,
+                 max_seqlen_k=k.shape[2], num_seqs=b, sm_scale=sm_scale, softcap=softcap, window_left=left,
+                 window_right=right, dot_precision="ieee", num_splits=num_splits)
+    assert o.data_ptr() == o_ptr and lse.data_ptr() == lse_ptr
+
+    kw = dict(causal=causal, window_size=window, attention_mask=key_mask, seqused_k=seqused_k,
+              alibi_slopes=alibi, softcap=softcap, softmax_scale=sm_scale)
+    ref_out = attention_reference(q, k, v, **kw)
+    ora_out, ora_lse = attention_reference(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_pass_rule("out", o, ref_out, ora_out, q.dtype)
+    assert not torch.isnan(lse).any(), "NaN in lse (or an element never written)"
+    finite = torch.isfinite(ora_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "LSE: -inf rows differ from the oracle"
+    assert (lse[~finite] == float("-inf")).all(), "rows with no visible key must have lse -inf"
+    assert (o[~finite] == 0).all(), "rows with no visible key must be 0"
+    lse_scale = max(1.0, float(ora_lse[finite].abs().max())) if finite.any() else 1.0
+    assert max_err(lse[finite], ora_lse[finite]) <= 1e-3 * lse_scale, "LSE differs from the oracle"
+    return o, lse
+
+
+# (B, Hq, Hkv, Sq, Sk, D, Dv): odd key lengths, GQA/MQA groups, Sq 1 and 3, D != Dv, D = 40.
+# Under the interpreter BLOCK_N = 16 and BLOCK_M is capped at 16 packed rows (group * Sq).
+SHAPES = [
+    (1, 4, 1, 1, 300, 64, 64),    # MQA 4:1, 19 key blocks
+    (2, 2, 2, 3, 97, 32, 32),     # no grouping, Sq = 3
+    (1, 6, 3, 3, 17, 40, 40),     # GQA 2:1, D = 40 (EVEN_D false), 2 key blocks
+    (2, 4, 1, 1, 1, 16, 16),      # a single key
+    (1, 4, 2, 3, 61, 32, 16),     # Dv != D
+    (1, 8, 2, 5, 40, 16, 24),     # group 4 x Sq 5 = 20 packed rows: two row blocks
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shapes_and_splits(shape, dtype):
+    """1 split (direct write), the heuristic's choice, and more splits than key blocks (empty splits)."""
+    b, hq, hkv, sq, sk, d, dv = shape
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dv, dtype)
+    for num_splits in (1, None, 3, 12):
+        run_decode(q, k, v, causal=sq > 1, num_splits=num_splits)
+
+
+def test_no_keys():
+    """Sk = 0: every row is empty (output 0, lse -inf), split or not."""
+    q, k, v = make_qkv(2, 4, 2, 2, 0, 16, 16, torch.float32)
+    for num_splits in (1, 4):
+        run_decode(q, k, v, num_splits=num_splits)
+
+
+def _key_mask(pattern: str, batch: int, sk: int) -> torch.Tensor:
+    m = torch.ones(batch, sk, dtype=torch.bool)
+    if pattern == "left":  # left padding (HF generation of a left-padded batch)
+        m[0, :37] = False
+        m[1, :5] = False
+    elif pattern == "holes":
+        m = torch.rand(batch, sk, generator=torch.Generator().manual_seed(3)) > 0.4
+        m[0, :40] = False  # fully masked key blocks, skipped
+    elif pattern == "empty_row":
+        m[0] = False  # a row with no real key at all
+    return m
+
+
+@pytest.mark.parametrize("pattern", ["left", "holes", "empty_row"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_mask(pattern, dtype):
+    q, k, v = make_qkv(2, 4, 2, 1, 70, 32, 32, dtype)
+    mask = _key_mask(pattern, 2, 70).to(DEVICE)
+    run_decode(q, k, v, key_mask=mask, num_splits=4)
+    if pattern == "empty_row":
+        o, lse = run_decode(q, k, v, key_mask=mask.to(torch.int64), causal=True, num_splits=1)
+        assert (o[0] == 0).all() and (lse[0] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_seqused_k(dtype):
+    """Static cache: only the first seqused_k[b] keys exist; 0 used keys gives 0 / -inf."""
+    q, k, v = make_qkv(3, 4, 2, 3, 80, 32, 32, dtype)
+    used = torch.tensor([80, 33, 0], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 5):
+        o, lse = run_decode(q, k, v, causal=True, seqused_k=used, num_splits=num_splits)
+        assert (o[2] == 0).all() and (lse[2] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("window", [(7, 0), (20, -1), (5, 2), (0, 0)])
+def test_window(window):
+    """Sliding windows, bottom-right aligned, with Sq = 3 (the left edge moves per query row)."""
+    q, k, v = make_qkv(1, 4, 2, 3, 97, 32, 32, torch.float32)
+    run_decode(q, k, v, window=window, num_splits=3)
+
+
+def test_window_seqused_mask():
+    """Window + static cache + padding mask + GQA: the split range follows each row's used length."""
+    q, k, v = make_qkv(2, 4, 1, 2, 90, 32, 32, torch.float32)
+    used = torch.tensor([71, 90], dtype=torch.int32, device=DEVICE)
+    mask = _key_mask("holes", 2, 90).to(DEVICE)
+    run_decode(q, k, v, causal=True, window=(30, -1), seqused_k=used, key_mask=mask, num_splits=4)
+    mask[1] = False
+    mask[1, :10] = True  # row 1's only real keys lie left of its window: no visible key, split or not
+    for num_splits in (1, 4):
+        o, lse = run_decode(q, k, v, causal=True, window=(30, -1), key_mask=mask, num_splits=num_splits)
+        assert (o[1] == 0).all() and (lse[1] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap_alibi(dtype):
+    q, k, v = make_qkv(2, 4, 2, 3, 60, 32, 32, dtype)
+    q = q.detach() * 3  # scores large enough for the cap to bite
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)
+    run_decode(q, k, v, softcap=5.0, num_splits=3)
+    run_decode(q, k, v, alibi=slopes, causal=True, num_splits=3)
+    run_decode(q, k, v, softcap=5.0, alibi=(slopes * torch.tensor([[1.0], [0.3]], device=DEVICE)).contiguous(),
+               causal=True, num_splits=1, scale=0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bshd_views_in_place(dtype):
+    """q/k/v/o/lse as transposed (B, S, H, .) views (HF's layout): read and written in place."""
+    q, k, v = make_qkv(2, 6, 2, 3, 50, 40, 40, dtype, layout="bshd")
+    assert q.stride(1) < q.stride(2)
+    for num_splits in (1, 4):
+        run_decode(q, k, v, causal=True, num_splits=num_splits, out_bshd=True)
+
+
+def test_decode_splits_heuristic():
+    # a full GPU already: no split
+    assert decode_splits(17, 8, 8192, 64, 132) == 1
+    assert decode_splits(16, 8, 8192, 64, 132) == 3  # 128 programs: 3 splits reach 2 per SM
+    # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), 4 blocks per split allowed (32)
+    assert decode_splits(1, 8, 8192, 64, 132) == 32
+    # short cache (< 16 key blocks): one split, no combine launch (host time dominates there)
+    assert decode_splits(1, 8, 512, 64, 132) == 1
+    assert decode_splits(8, 12, 640, 64, 132) == 1  # GPT-2 generate, B = 8
+    # at least 4 key blocks per split
+    assert decode_splits(1, 8, 1024, 64, 132) == 4
+    assert decode_splits(1, 1, 64, 64, 132) == 1
+    assert decode_splits(1, 1, 0, 64, 132) == 1
+    for batch, heads, sk in [(1, 1, 10**6), (3, 2, 1000), (2, 4, 4097), (1, 8, 300)]:
+        n = decode_splits(batch, heads, sk, 64, 132)
+        blocks = -(-sk // 64)
+        per = -(-blocks // n)
+        assert 1 <= n <= 64 and (n - 1) * per < blocks, (batch, heads, sk, n)  # no split left empty
