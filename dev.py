@@ -25,7 +25,8 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 INPUTS = ("requirements-cpu.txt", "setup.cfg", "pyproject.toml")
 # the tests that exercise transformers itself (run again against its latest release)
-HF_TESTS = ("tests/test_hf_interface.py", "tests/test_forward_adapters.py", "tests/test_training.py")
+HF_TESTS = ("tests/test_hf_interface.py", "tests/test_forward_adapters.py", "tests/test_training.py",
+            "tests/test_encoder_unpad.py")
 
 
 def run(*cmd: str, env: dict | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 
 import torch
@@ -269,9 +270,27 @@ def _num_seqs(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None) -> int:
     return q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
 
 
+# Triton's interpreter patches triton.language globally during a launch and keeps the program id in
+# one global builder: interpreted launches from several threads must not overlap.
+_INTERPRET_LOCK = threading.Lock()
+
+
 def _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
                   max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
                   dropout_p, interpret):
+    if interpret:
+        with _INTERPRET_LOCK:
+            return _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
+                                   alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left,
+                                   window_right, dropout_p, interpret)
+    return _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
+                           rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
+                           dropout_p, interpret)
+
+
+def _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
+                    max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
+                    dropout_p, interpret):
     _check_backend_usable(interpret, q.device)
     is_varlen = cu_seqlens_q is not None
     num_seqs = _num_seqs(q, cu_seqlens_q)
@@ -302,9 +321,16 @@ def _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens
     return out, lse
 
 
-def _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
-                   cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
-                   window_left, window_right, dropout_p, interpret):
+def _backward_impl(*args):
+    if args[-1]:  # interpret
+        with _INTERPRET_LOCK:
+            return _backward_launch(*args)
+    return _backward_launch(*args)
+
+
+def _backward_launch(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
+                     cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
+                     window_left, window_right, dropout_p, interpret):
     is_varlen = cu_seqlens_q is not None
     num_seqs = _num_seqs(q, cu_seqlens_q)
     dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)

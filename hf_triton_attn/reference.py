@@ -55,6 +55,12 @@ def _dense_attention(
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     soft_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not (isinstance(used_k, int) and used_k >= sk):
+        # Keys at or beyond the used length (an empty cache tail) do not exist: the kernels never read
+        # them, so neither does the oracle (a NaN left there must not reach any output or gradient).
+        used = used_k.view(-1, 1, 1, 1) if isinstance(used_k, torch.Tensor) else used_k
+        exists = torch.arange(sk, device=k.device).view(1, 1, sk, 1) < used
+        k, v = k.masked_fill(~exists, 0), v.masked_fill(~exists, 0)
 
     # [B, Hq, Sq, Sk] scores in the input dtype, then the softmax dtype.
     s = torch.matmul(q, k.transpose(-1, -2)).to(soft_dtype) * scale

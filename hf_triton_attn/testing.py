@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _check_backend_usable, _draw_dropout_rng
+from .ops import _INTERPRET_LOCK, _check_backend_usable, _draw_dropout_rng
 
 __all__ = ["draw_dropout_rng", "dropout_keep_mask"]
 
@@ -34,5 +34,9 @@ def dropout_keep_mask(rng: torch.Tensor, batch: int, heads: int, seqlen_q: int, 
 
     mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.int8, device=rng.device)
     if mask.numel():
-        dropout_mask(mask, rng, float(dropout_p))
+        if interpret:
+            with _INTERPRET_LOCK:
+                dropout_mask(mask, rng, float(dropout_p))
+        else:
+            dropout_mask(mask, rng, float(dropout_p))
     return mask.bool()

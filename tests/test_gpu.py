@@ -124,3 +124,17 @@ def test_long_sequence_131072_forward_backward():
     ref = attention_reference(q[:, :1, -64:].detach().float(), k[:, :1].detach().float(), v[:, :1].detach().float(),
                               causal=True)
     assert (out[:, :1, -64:].float() - ref).abs().max() < 2e-2
+
+
+def test_cached_launches_are_used():
+    """The launchers bypass Triton's per-call binder (kernels/launch.CachedLauncher) on this Triton:
+    after a call, the compiled forward is cached and the fast path is still enabled."""
+    from hf_triton_attn.kernels import backward, decode, forward
+
+    q, k, v = _inputs(2, 4, 256, 64, torch.bfloat16)
+    for _ in range(2):
+        flash_attention(q, k, v, causal=True).sum().backward()
+        flash_attention(q[:, :, :1], k, v)  # decode kernel
+    torch.cuda.synchronize()
+    for launcher in (forward._launch_fwd, backward._launch_dkdv, backward._launch_dq, decode._launch_split):
+        assert launcher.fast and launcher.kernels, launcher.fn

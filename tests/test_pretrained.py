@@ -109,7 +109,8 @@ def test_minilm_sentence_embeddings_match_eager(minilm_dir, monkeypatch):
     inner = [n for n, m in eager.named_modules() if isinstance(m, transformers.BertModel)]
     report = hf_triton_attn.patch_model(eager)
     try:
-        assert report.patched == {"hf_interface": inner}, str(report)
+        assert report.patched == {"hf_interface": inner, "encoder_unpad": [f"{n}.encoder" for n in inner]}, \
+            str(report)
         assert eager[0].auto_model.config._attn_implementation == "hf_triton_attn"
     finally:
         hf_triton_attn.unpatch_model(eager)

@@ -122,6 +122,8 @@ def _bwd_dkdv_inner(
         if HAS_KEY_MASK:
             s2 = tl.where(key_ok[None, :], s2, float("-inf"))
         p = tl.exp2(s2 - lse2[:, None])
+        if HAS_QUERY_MASK:  # padded query rows (lse2 = +inf) contribute 0 even when their score is NaN
+            p = tl.where(lse2[:, None] == float("inf"), 0.0, p)
         # dP = dO V^T  [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -264,8 +266,8 @@ def _bwd_dq_inner(
     start, end,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):  # clamped to the key mask's extent by the caller
@@ -290,6 +292,8 @@ def _bwd_dq_inner(
         if HAS_KEY_MASK:
             s2 = tl.where(key_ok[None, :], s2, float("-inf"))
         p = tl.exp2(s2 - lse2[:, None])
+        if HAS_QUERY_MASK:
+            p = tl.where(lse2[:, None] == float("inf"), 0.0, p)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
@@ -384,22 +388,22 @@ def _bwd_dq_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
-        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS,
-        DOT_PRECISION)
+        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_QUERY_MASK, HAS_DROPOUT,
+        HAS_SEGMENTS, DOT_PRECISION)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
-        False, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS,
-        DOT_PRECISION)
+        False, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_QUERY_MASK, HAS_DROPOUT,
+        HAS_SEGMENTS, DOT_PRECISION)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
-        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS,
-        DOT_PRECISION)
+        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_QUERY_MASK, HAS_DROPOUT,
+        HAS_SEGMENTS, DOT_PRECISION)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
@@ -407,9 +411,9 @@ def _bwd_dq_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-_launch_delta = CachedLauncher(_bwd_delta_kernel)
-_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel)
-_launch_dq = CachedLauncher(_bwd_dq_kernel)
+_launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=4)
+_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=15)
+_launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=14)
 _DELTA_BLOCK = 64
 
 

@@ -280,8 +280,8 @@ def _decode_combine_kernel(
 # host side
 # ----------------------------------------------------------------------------------------------
 
-_launch_split = CachedLauncher(_decode_split_kernel)
-_launch_combine = CachedLauncher(_decode_combine_kernel)
+_launch_split = CachedLauncher(_decode_split_kernel, num_pointers=8)
+_launch_combine = CachedLauncher(_decode_combine_kernel, num_pointers=4)
 
 # Heuristic constants (see decode_splits).
 _PROGRAMS_PER_SM = 2

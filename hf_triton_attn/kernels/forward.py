@@ -226,7 +226,7 @@ def _fwd_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-_launch_fwd = CachedLauncher(_fwd_kernel)
+_launch_fwd = CachedLauncher(_fwd_kernel, num_pointers=13)
 
 
 @functools.lru_cache(maxsize=256)

@@ -99,47 +99,65 @@ def _predicted_triton_spec(cls) -> tuple:
 class CachedLauncher:
     """Launch one ``@triton.jit`` kernel with little host time per call.
 
-    ``kernel[grid](...)`` re-binds and re-specializes every argument on every call (Triton 3.6: about
-    45 us of host time for our 60-argument forward at a decode shape, H200, 2026-11-26, vs 12 us of
-    GPU time; benchmarks/host_overhead.py). Here the compiled kernel is cached under the arguments'
-    specialization classes (``_arg_class``), which is all Triton's own cache key depends on besides
-    the constexprs and launch options, and launched directly. The first call of each class goes
-    through Triton (compiling if needed) and checks that Triton's specialization agrees with the
-    predicted one; if it ever does not (another Triton version), this launcher keeps using
-    ``kernel[grid](...)`` for good: slower, never wrong. The interpreter always takes the plain path.
+    ``kernel[grid](...)`` re-binds and re-specializes every argument on every call: Triton 3.6 spent
+    about 45 us of host time per launch of our 60-argument forward at a decode shape (H200 host,
+    2026-11-26, benchmarks/host_overhead.py) for 12 us of GPU time. Here the compiled kernel is
+    cached under the arguments' specialization classes (``_arg_class``), which is all Triton's own
+    cache key depends on besides the constexprs and launch options, and launched directly.
+
+    Computing those classes in Python costs about as much as Triton's native binder, so a second,
+    cheaper key comes first: the raw scalar arguments plus each pointer's dtype and 16-byte
+    alignment (the pointers are the first ``num_pointers`` arguments). A training loop or the layers
+    of one decode step repeat it exactly; a new one (the cache grew by a token) computes the classes
+    once. The first call of each class goes through Triton (compiling if needed) and checks that
+    Triton's specialization agrees with the predicted one; if it ever does not (another Triton
+    version), this launcher keeps using ``kernel[grid](...)`` for good: slower, never wrong. The
+    interpreter always takes the plain path.
     """
 
-    def __init__(self, fn) -> None:
+    _MAX_RAW_KEYS = 4096
+
+    def __init__(self, fn, num_pointers: int) -> None:
         import inspect
 
         import triton.language as tl
 
         self.fn = fn
+        self.num_pointers = num_pointers
         params = list(inspect.signature(getattr(fn, "fn", fn)).parameters.values())
         is_constexpr = [p.annotation is tl.constexpr for p in params]
         self.constexpr_names = tuple(p.name for p, c in zip(params, is_constexpr) if c)
         self.num_runtime = len(params) - len(self.constexpr_names)
         suffix = all(is_constexpr[self.num_runtime:])  # constexprs last: Triton's argument order is ours
         self.fast = suffix and _fast_launch_available()
-        self.kernels: dict = {}
+        self.kernels: dict = {}  # class key -> compiled kernel
+        self.by_raw: dict = {}  # raw key -> compiled kernel
 
     def __call__(self, grid: tuple, args: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> None:
         if self.fast and args[0].is_cuda:
             from triton import knobs
 
-            if knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
+            if _hooks_idle(knobs.runtime.launch_enter_hook) and _hooks_idle(knobs.runtime.launch_exit_hook):
                 device = torch.cuda.current_device()
-                key = (device, num_warps, num_stages, constexprs, tuple(map(_arg_class, args)))
-                kernel = self.kernels.get(key)
-                if kernel is not None:
-                    from triton.runtime.driver import driver
+                n = self.num_pointers
+                raw = (device, num_warps, num_stages, constexprs, args[n:],
+                       tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n]]))
+                kernel = self.by_raw.get(raw)
+                if kernel is None:
+                    key = (device, num_warps, num_stages, constexprs, tuple(map(_arg_class, args)))
+                    kernel = self.kernels.get(key)
+                    if kernel is None:
+                        kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
+                        self._remember(key, kernel, device, args, constexprs, num_warps, num_stages)
+                        return
+                    if len(self.by_raw) >= self._MAX_RAW_KEYS:
+                        self.by_raw.clear()
+                    self.by_raw[raw] = kernel
+                from triton.runtime.driver import driver
 
-                    kernel.run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1,
-                               driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
-                               None, None, None, *args, *constexprs)
-                    return
-                kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
-                self._remember(key, kernel, device, args, constexprs, num_warps, num_stages)
+                kernel.run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1,
+                           driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
+                           None, None, None, *args, *constexprs)
                 return
         self._slow(grid, args, constexprs, num_warps, num_stages)
 
@@ -148,14 +166,19 @@ class CachedLauncher:
                              num_warps=num_warps, num_stages=num_stages)
 
     def _remember(self, key, kernel, device, args, constexprs, num_warps, num_stages) -> None:
-        """Cache ``kernel`` under ``key`` if Triton's own specialization of ``args`` is the predicted one."""
+        """Cache ``kernel`` under ``key`` if Triton's own specialization of ``args`` is the predicted one
+        (and the pointers are exactly the first ``num_pointers`` arguments, as the raw key assumes)."""
         try:
+            n = self.num_pointers
+            layout_ok = (all(isinstance(a, torch.Tensor) for a in args[:n])
+                         and not any(isinstance(a, torch.Tensor) for a in args[n:]))
             binder = self.fn.device_caches[device][4]
             kwargs = dict(zip(self.constexpr_names, constexprs), num_warps=num_warps, num_stages=num_stages)
             _, specialization, _ = binder(*args, **kwargs)
             actual = [tuple(s) for s in specialization[:self.num_runtime]]
             predicted = [_predicted_triton_spec(c) for c in key[4]]
-            ok = actual == predicted and hasattr(kernel, "function") and hasattr(kernel, "packed_metadata")
+            ok = (layout_ok and actual == predicted and hasattr(kernel, "function")
+                  and hasattr(kernel, "packed_metadata"))
         except Exception:  # an API this code does not know: plain launches from now on
             ok = False
         if ok:
@@ -163,6 +186,13 @@ class CachedLauncher:
         else:
             self.fast = False
             self.kernels.clear()
+            self.by_raw.clear()
+
+
+def _hooks_idle(hook) -> bool:
+    """No launch hook installed: None (older Tritons) or an empty ``HookChain`` (Triton 3.6: the knob is
+    always a chain, called with the launch metadata when it holds hooks, e.g. under proton)."""
+    return hook is None or (hasattr(hook, "calls") and not hook.calls)
 
 
 def _fast_launch_available() -> bool:

@@ -10,4 +10,4 @@ import importlib.util
 from . import torch_mha  # noqa: F401
 
 if importlib.util.find_spec("transformers") is not None:
-    from . import bloom, falcon, gpt_neo  # noqa: F401
+    from . import bloom, encoder_unpad, falcon, gpt_neo  # noqa: F401

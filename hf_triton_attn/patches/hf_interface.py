@@ -219,6 +219,20 @@ def _additive_mask(query, key, attention_mask, causal: bool, window: tuple[int, 
     return torch.where(ok, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
 
 
+def _packed_ids_from_cu_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, query: torch.Tensor,
+                                key: torch.Tensor) -> torch.Tensor:
+    """(1, 1, total) sequence id of every packed token, for self-attention (cu_seq_lens_q == _k)."""
+    if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
+        raise NotImplementedError("hf_triton_attn: the eager fallback of a packed batch needs cu_seq_lens_q == "
+                                  "cu_seq_lens_k (packed self-attention)")
+    total = query.shape[2]
+    if key.shape[2] != total:
+        raise NotImplementedError(f"hf_triton_attn: packed query ({total}) and key ({key.shape[2]}) lengths differ")
+    positions = torch.arange(total, device=query.device)
+    ids = torch.searchsorted(cu_q[1:].to(query.device, torch.long), positions, right=True)
+    return ids.view(1, 1, total)
+
+
 def _eager(module, query, key, value, attention_mask, reason: str | None, causal, window, dropout, scaling,
            **kwargs):
     if reason is not None and reason not in _warned:
@@ -231,6 +245,10 @@ def _eager(module, query, key, value, attention_mask, reason: str | None, causal
                                   f"{type(module).__module__} has no eager_attention_forward to fall back to")
     if window is None and (attention_mask is None or attention_mask.dim() != 4):
         raise NotImplementedError("hf_triton_attn: a bidirectional sliding window needs the model's 4-D mask")
+    if kwargs.get("cu_seq_lens_q") is not None:
+        # A padding-free batch (1, H, total, D): the eager path sees one long row, so the sequence
+        # boundaries become packed sequence ids, i.e. a block-diagonal mask (exact, if slow).
+        attention_mask = _packed_ids_from_cu_seqlens(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], query, key)
     mask = _additive_mask(query, key, attention_mask, causal, window)
     return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 

@@ -1,0 +1,90 @@
+"""Per-kernel GPU time of a few attention calls (torch.profiler), to see where a fwd+bwd goes.
+
+    python -m benchmarks.profile_kernels [--out DIR]
+
+Cases: the BERT-like padded batch of bench_kernels (B=32, H=12, S=512, D=64, bf16) dense, with a
+key+query mask at 26% and 100% fill, and packed (varlen) at 26%; the dropout shape (B=16, H=32,
+S=1024, D=64) at p = 0 and 0.1. For each: CUDA time per iteration of every kernel and the host time
+per iteration. Writes profile_kernels.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def lengths_for(fill: float, b: int, s: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(fill * 1000))
+    if fill >= 1.0:
+        return torch.full((b,), s)
+    return (fill * s * (0.5 + torch.rand(b, generator=gen))).round().long().clamp(1, s)
+
+
+def cases():
+    from hf_triton_attn import flash_attention
+
+    dev, dt = "cuda", torch.bfloat16
+
+    def hf(b, s, h, d):
+        return torch.randn(b, s, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_()
+
+    b, h, s, d = 32, 12, 512, 64
+    q, k, v = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
+    yield "dense B32 H12 S512 D64", lambda: flash_attention(q, k, v), q
+    for fill in (0.26, 1.0):
+        lens = lengths_for(fill, b, s)
+        mask = (torch.arange(s)[None] < lens[:, None]).to(dev)
+        yield (f"padded fill {fill}", lambda mask=mask: flash_attention(q, k, v, attention_mask=mask, query_mask=mask),
+               q)
+    lens = lengths_for(0.26, b, s)
+    real = (torch.arange(s)[None] < lens[:, None]).reshape(-1).nonzero().squeeze(1).to(dev)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=dev)
+    cu[1:] = lens.cumsum(0).to(torch.int32)
+    packed = [t.detach().transpose(1, 2).reshape(b * s, h, d).index_select(0, real).requires_grad_() for t in (q, k, v)]
+    mx = int(lens.max())
+    yield ("varlen fill 0.26", lambda: flash_attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
+                                                       max_seqlen_k=mx), packed[0])
+    b, h, s = 16, 32, 1024
+    q2, k2, v2 = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
+    for p in (0.0, 0.1):
+        yield f"dropout {p} B16 H32 S1024 D64", lambda p=p: flash_attention(q2, k2, v2, dropout_p=p), q2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    lines = [f"{torch.cuda.get_device_name()} | torch {torch.__version__}"]
+    for name, fn, leaf in cases():
+        def step(fn=fn, leaf=leaf):
+            out = fn()
+            out.backward(torch.ones_like(out))
+            leaf.grad = None
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                  or getattr(e, "self_device_time_total", 0) > 0]
+        rows = sorted(((getattr(e, "self_device_time_total", 0) / args.iters, e.key) for e in events), reverse=True)
+        total = sum(t for t, _ in rows)
+        lines.append(f"== {name}: GPU {total / 1000:.3f} ms per fwd+bwd")
+        lines += [f"   {t / 1000:8.3f} ms  {key[:90]}" for t, key in rows[:6] if t > 0]
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_kernels.txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
