@@ -115,3 +115,12 @@ def test_fuzz_against_oracle(shard, p):
         zero = torch.zeros_like(leaf, dtype=torch.float64)
         assert_pass_rule(name, a if a is not None else zero, r if r is not None else zero,
                          o if o is not None else zero, p["dtype"])
+    _log_case(shard, p)
+
+
+def _log_case(shard: int, p: dict) -> None:
+    """One line per passed case in $HF_TRITON_ATTN_FUZZ_LOG (the GPU run counts cases from it)."""
+    path = os.environ.get("HF_TRITON_ATTN_FUZZ_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"shard={shard} " + " ".join(f"{k}={v}" for k, v in p.items()) + "\n")

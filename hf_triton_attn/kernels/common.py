@@ -10,8 +10,9 @@ Conventions used by every kernel:
 - Packed sequences in the dense layout (``segment_ids``, Sq == Sk): token t belongs to the run
   ``[seg_start_t, seg_end_t)``; (i, j) is allowed only when j lies in i's run, which is the same
   as i lying in j's run, so query-side and key-side range bounds come from the same two arrays.
-- Dropout keeps element (b, h, i, j) when ``philox(seed, j, i, b*H + h, offset) >= p``,
-  so forward, backward and the test helper regenerate the same mask from global coordinates.
+- Dropout keeps element (b, h, i, j) when ``hash(seed, offset, b*H + h, i, j) >= p * 2**32``
+  (``dropout_keep``), so forward, backward and the test helper regenerate the same mask from global
+  coordinates.
 """
 
 import triton
@@ -203,32 +204,48 @@ def score_transform(
 
 
 @triton.jit
+def _mix32(x):
+    """A 32-bit integer hash with full avalanche (Wellons' hash-prospector 16/15/15 family, multipliers
+    0x21f0aaad and 0x735a2d97, bias ~0.11): two multiplies and three xor-shifts on uint32."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    x = x ^ (x >> 15)
+    return x
+
+
+@triton.jit
 def dropout_keep(
     seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates.
 
-    One Philox call yields four 32-bit numbers, i.e. eight 16-bit ones; they serve eight consecutive
-    keys 8g..8g+7 (g = j // 8, so the mask does not depend on the block size as long as blocks start
-    at multiples of 8). A key is kept when its 16-bit number is >= round(p * 65536): the keep rate is
-    1 - p to within 2**-17 (the output is still scaled by 1 / (1 - p), a relative bias <= 2**-17 / (1 - p),
-    far below bf16's 2**-8), and the comparison is an integer one. Why so frugal: at D = 64 one Philox
-    call (10 rounds of 32-bit mul-hi / xor) per score cost more ALU time than the score's share of the
-    tensor-core dots; one call per four keys cut the GPT-2 train step's attention time from 12.6 to
-    7.2 ms (H100, 2026-11-25, benchmarks/NOTES.md); eight keys per call halves the integer work again.
+    Each element hashes its own coordinates: ``x = mix(row_key(seed, offset, b*H+h, i) ^ (j * c))``
+    with ``mix`` the 32-bit hash above, and is kept when ``x >= p * 2**32`` (keep rate 1 - p to ~1e-7).
+    Why a hash and not Philox: the dropout cost is integer work per score, next to a tensor-core
+    dot that at D = 64 gives each score only ~256 FLOPs. Philox-4x32-10 per score (~80 integer ops)
+    made the GPT-2 train step's attention 12.6 ms (vs 3.5 ms for SDPA); one call per four keys
+    needed a join/reshape of its outputs and gave 7.2 ms (H100, 2026-11-25); with eight 16-bit
+    slices per call, fwd+bwd at B16 H32 S1024 D64 still cost +96% over p = 0 (H200, 2026-11-26).
+    The hash is ~8 integer ops per score, computed in the score's own register (no data movement),
+    and the per-row part (the seed, offset, head and query index) is mixed once per row.
+    The mask depends on (seed, offset, b*H+h, i, j) only: forward, backward and the test helper
+    (kernels/dropout.py) regenerate it for any block shape.
     """
-    # Counters: c0 = key group j // 8, c1 = query index, c2 = b*H + h, c3 = per-call generator offset.
-    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N // 8]
-    c0 = (groups[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
-    c1 = (offs_m[:, None] + 0 * groups[None, :]).to(tl.uint32)
-    c2 = c0 * 0 + bh.to(tl.uint32)
-    c3 = c0 * 0 + rng_offset.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
-    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BLOCK_M, BLOCK_N // 8, 2, 2] uint32
-    u16 = tl.join(u & 0xFFFF, u >> 16)  # [BLOCK_M, BLOCK_N // 8, 2, 2, 2]: key 8g + (4a + 2b + c)
-    u16 = tl.reshape(u16, (offs_m.shape[0], BLOCK_N))
-    threshold = (tl.zeros([], dtype=tl.float32) + (dropout_p * 65536.0 + 0.5)).to(tl.uint32)
-    return u16 >= threshold
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    seed = seed.to(tl.int64)
+    rng_offset = rng_offset.to(tl.int64)
+    key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32))
+    key = _mix32(key ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    key = _mix32(key ^ (rng_offset & 0xFFFFFFFF).to(tl.uint32))
+    key = _mix32(key ^ ((rng_offset >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    key = _mix32(key ^ bh.to(tl.uint32))
+    row = _mix32(key ^ offs_m.to(tl.uint32))  # [BLOCK_M]
+    col = offs_n.to(tl.uint32) * 0x61C88647  # [BLOCK_N], an odd multiplier spreads consecutive keys
+    x = _mix32(row[:, None] ^ col[None, :])  # [BLOCK_M, BLOCK_N] uint32
+    threshold = tl.minimum(tl.zeros([], dtype=tl.float32) + dropout_p * 4294967296.0, 4294967040.0)
+    return x >= threshold.to(tl.uint32)
 
 
 @triton.jit
