@@ -65,7 +65,8 @@ if [ "${FUZZ:-0}" = "1" ]; then
         python -m pytest tests/test_fuzz.py -q -p no:cacheprovider -n "${FUZZ_WORKERS:-16}" --timeout 1200 \
         --hypothesis-show-statistics ${FUZZ_ARGS:-} 2>&1 | tee "$OUT/fuzz.log"
     fuzz_rc=${PIPESTATUS[0]}
-    echo "fuzz: $(wc -l < "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) cases passed (one line each in fuzz_cases.txt)"
+    echo "fuzz: $(grep -vc '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) cases passed," \
+         "$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) failed (incl. hypothesis shrinking; fuzz_cases.txt)"
     [ "$tests_rc" -eq 0 ] && tests_rc=$fuzz_rc
 fi
 

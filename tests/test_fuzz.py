@@ -93,6 +93,15 @@ def _build(p):
 @pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("shard", range(SHARDS))
 def test_fuzz_against_oracle(shard, p):
+    try:
+        _check_case(p)
+    except Exception as exc:  # logged before hypothesis shrinks it, so a killed run still names the case
+        _log_case(shard, p, f"FAIL {type(exc).__name__}: {str(exc)[:300]!r}")
+        raise
+    _log_case(shard, p)
+
+
+def _check_case(p):
     q, k, v, kw = _build(p)
     torch.manual_seed(p["seed"])
     out = flash_attention(q, k, v, backend=BACKEND, **kw)
@@ -115,12 +124,13 @@ def test_fuzz_against_oracle(shard, p):
         zero = torch.zeros_like(leaf, dtype=torch.float64)
         assert_pass_rule(name, a if a is not None else zero, r if r is not None else zero,
                          o if o is not None else zero, p["dtype"])
-    _log_case(shard, p)
 
 
-def _log_case(shard: int, p: dict) -> None:
-    """One line per passed case in $HF_TRITON_ATTN_FUZZ_LOG (the GPU run counts cases from it)."""
+def _log_case(shard: int, p: dict, failure: str = "") -> None:
+    """One line per case in $HF_TRITON_ATTN_FUZZ_LOG (the GPU run counts cases from it); failures
+    start with FAIL and carry the error."""
     path = os.environ.get("HF_TRITON_ATTN_FUZZ_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(f"shard={shard} " + " ".join(f"{k}={v}" for k, v in p.items()) + "\n")
+            f.write((failure + " " if failure else "") + f"shard={shard} "
+                    + " ".join(f"{k}={v}" for k, v in p.items()) + "\n")
