@@ -131,6 +131,9 @@ def build_cases() -> list[Case]:
         dict(varlen=True),                              # IS_VARLEN
         dict(dropout=0.1),                              # HAS_DROPOUT
         dict(sq=1, sk=64, causal=True, key_mask="int64"),  # decode step
+        # Sq = 1 backward with softcap + query mask at D = 32: ptxas 3.6 crashed on it while
+        # seqlen_q was specialized to the constant 1 (GPU fuzz, 2026-11-26)
+        dict(sq=1, sk=63, d=32, softcap=2.0, query_mask="bool"),
         dict(sq=17, sk=97, causal=True),                # Sq != Sk
         dict(segments=True, causal=True),               # HAS_SEGMENTS (HF packed position_ids)
     ]

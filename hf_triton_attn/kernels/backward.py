@@ -141,7 +141,10 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+# seqlen_q is never specialized: with Sq = 1 Triton would make it the constant 1, and ptxas 3.6
+# (sm_90) then crashes (SIGSEGV) on the softcap + query-mask variant at D = 32 (found by the GPU
+# fuzz, 2026-11-26; reproduced on CPU by scripts/aot_compile.py, whose matrix now has that case).
+@triton.jit(do_not_specialize=["seqlen_q"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,

@@ -81,8 +81,17 @@ def _arg_class(a):
     return type(a).__name__  # never cached: the check below rejects the kernel's fast path
 
 
+def _unspecialized_class(a):
+    """Class of an argument declared ``do_not_specialize``: only its type (ints: i32 / i64 / u64)."""
+    if isinstance(a, int) and not isinstance(a, bool):
+        return ("nospec", "i32" if _I32[0] <= a < _I32[1] else ("i64" if a < 2**63 else "u64"))
+    return _arg_class(a)
+
+
 def _predicted_triton_spec(cls) -> tuple:
     """The (type, attribute) pair Triton's binder gives an argument of class ``cls``."""
+    if isinstance(cls, tuple) and cls[0] == "nospec":
+        return (cls[1], None)
     if isinstance(cls, tuple) and isinstance(cls[0], torch.dtype):
         return ("*" + _TRITON_DTYPES.get(cls[0], "?"), "D" if cls[1] else "")
     if cls == 1:
@@ -130,6 +139,11 @@ class CachedLauncher:
         self.num_runtime = len(params) - len(self.constexpr_names)
         suffix = all(is_constexpr[self.num_runtime:])  # constexprs last: Triton's argument order is ours
         self.fast = suffix and _fast_launch_available()
+        # parameters declared do_not_specialize: Triton types them without value classes
+        kernel_params = getattr(fn, "params", None) or []
+        unspecialized = {i for i, kp in enumerate(kernel_params) if getattr(kp, "do_not_specialize", False)}
+        self.classifiers = tuple(_unspecialized_class if i in unspecialized else _arg_class
+                                 for i in range(self.num_runtime))
         self.kernels: dict = {}  # class key -> compiled kernel
         self.by_raw: dict = {}  # raw key -> compiled kernel
 
@@ -144,7 +158,8 @@ class CachedLauncher:
                        tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n]]))
                 kernel = self.by_raw.get(raw)
                 if kernel is None:
-                    key = (device, num_warps, num_stages, constexprs, tuple(map(_arg_class, args)))
+                    key = (device, num_warps, num_stages, constexprs,
+                           tuple([f(a) for f, a in zip(self.classifiers, args)]))
                     kernel = self.kernels.get(key)
                     if kernel is None:
                         kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
