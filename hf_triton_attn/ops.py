@@ -275,17 +275,16 @@ def _num_seqs(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None) -> int:
 _INTERPRET_LOCK = threading.Lock()
 
 
-def _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
-                  max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
-                  dropout_p, interpret):
-    if interpret:
+def _serialized_if_interpreted(launch, args: tuple):
+    """``launch(*args)``; under the lock when ``args[-1]`` (``interpret``) is true."""
+    if args[-1]:
         with _INTERPRET_LOCK:
-            return _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
-                                   alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left,
-                                   window_right, dropout_p, interpret)
-    return _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
-                           rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
-                           dropout_p, interpret)
+            return launch(*args)
+    return launch(*args)
+
+
+def _forward_impl(*args):
+    return _serialized_if_interpreted(_forward_launch, args)
 
 
 def _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
@@ -322,10 +321,7 @@ def _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqle
 
 
 def _backward_impl(*args):
-    if args[-1]:  # interpret
-        with _INTERPRET_LOCK:
-            return _backward_launch(*args)
-    return _backward_launch(*args)
+    return _serialized_if_interpreted(_backward_launch, args)
 
 
 def _backward_launch(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,

@@ -82,9 +82,22 @@ def _batch(padding: str, length: int = 23):
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
-def _out(model, ids, mask):
-    res = model(input_ids=ids, attention_mask=mask)
+def _output(res):
     return res.logits if hasattr(res, "logits") else res.last_hidden_state
+
+
+def _out(model, ids, mask):
+    return _output(model(input_ids=ids, attention_mask=mask))
+
+
+def _padding_free_batch(lens=(7, 12, 4)):
+    """Three token sequences and their DataCollatorWithFlattening batch (cu_seq_lens, no labels)."""
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collate([{"input_ids": s.tolist()} for s in seqs])
+    batch.pop("labels", None)
+    return seqs, batch
 
 
 @pytest.mark.parametrize("name,padding", [("llama", "left"), ("mistral", "left"), ("gemma2", "left"),
@@ -178,12 +191,7 @@ def test_padding_free_batches_use_varlen(monkeypatch):
     """cu_seq_lens_* from DataCollatorWithFlattening reach the kernel's varlen path, exactly."""
     ref, ours = _pair("llama")
     calls = spy_on(monkeypatch, hf_interface)
-    lens = [7, 12, 4]
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
-    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
-    batch = collate([{"input_ids": s.tolist()} for s in seqs])
-    batch.pop("labels", None)
+    seqs, batch = _padding_free_batch()
     packed = ours(**{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}).logits[0]
     assert calls and calls[0]["cu_seqlens_q"] is not None
     start = 0
@@ -198,32 +206,23 @@ def test_padding_free_batch_falls_back_per_sequence(name):
     """Regression: the eager fallback (here output_attentions=True) of a padding-free batch ignored
     cu_seq_lens and attended across the packed sequences (max error 1.68 on BERT, found 2026-11-26)."""
     ref, ours = _pair(name)
-    lens = [7, 12, 4]
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(3, 97, (n,), generator=g) for n in lens]
-    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
-    batch = collate([{"input_ids": s.tolist()} for s in seqs])
-    batch.pop("labels", None)
+    seqs, batch = _padding_free_batch()
     if name == "bert":
         batch.pop("position_ids", None)  # BERT takes absolute positions of the packed row; compare per token
     inputs = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = ours(**inputs, output_attentions=True)
-    packed = _out_of(res)[0]
+    packed = _output(res)[0]
     start = 0
     for s in seqs:
         if name == "bert":
             pos = torch.arange(start, start + len(s))[None].to(DEVICE)
-            alone = _out_of(ref(input_ids=s[None].to(DEVICE), position_ids=pos))[0]
+            alone = _output(ref(input_ids=s[None].to(DEVICE), position_ids=pos))[0]
         else:
-            alone = _out_of(ref(input_ids=s[None].to(DEVICE)))[0]
+            alone = _output(ref(input_ids=s[None].to(DEVICE)))[0]
         torch.testing.assert_close(packed[start:start + len(s)], alone, atol=1e-4, rtol=1e-4)
         start += len(s)
-
-
-def _out_of(res):
-    return res.logits if hasattr(res, "logits") else res.last_hidden_state
 
 
 def test_set_attn_implementation_on_a_loaded_model():

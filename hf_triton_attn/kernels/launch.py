@@ -42,13 +42,6 @@ def feature_flag_values(window_left: int, window_right: int, softcap: float, ali
             query_mask is not None, segments is not None, seqused_k is not None, is_varlen, dropout_p > 0)
 
 
-def feature_flags(*, window_left: int, window_right: int, softcap: float, alibi, key_mask, query_mask,
-                  segments, seqused_k, is_varlen: bool, dropout_p: float) -> dict:
-    """``feature_flag_values`` by name."""
-    return dict(zip(FLAG_NAMES, feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask,
-                                                    segments, seqused_k, is_varlen, dropout_p)))
-
-
 # ----------------------------------------------------------------------------------------------
 # cached launches
 # ----------------------------------------------------------------------------------------------
