@@ -249,6 +249,49 @@ def profile_generate(args, device: str, dtype: torch.dtype, new_tokens: int = 16
         free_memory()
 
 
+def profile_bert(args, device: str, dtype: torch.dtype) -> None:
+    """Where a BERT fine-tune step and a padded inference go: CUDA kernel tables per impl."""
+    ids, mask, _ = _bert_inputs(args, device)
+    labels = torch.arange(ids.shape[0], device=device) % 2
+    for impl in ("hf_triton_attn", "sdpa"):
+        _profile_bert_impl(impl, ids, mask, labels, args, device, dtype)
+        free_memory()
+
+
+def _profile_bert_impl(impl: str, ids, mask, labels, args, device: str, dtype: torch.dtype) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build("bert_cls", impl, args.quick, device, dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+
+    def step():
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        model(input_ids=ids, attention_mask=mask)
+        model.train()
+
+    for name, fn in (("finetune step", step), ("inference", infer)):
+        for _ in range(3):
+            fn()
+        sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        start = time.perf_counter()
+        with profile(activities=acts) as prof:
+            fn()
+            sync(device)
+        wall = (time.perf_counter() - start) * 1e3
+        avg = prof.key_averages()
+        total = sum(getattr(e, "self_device_time_total", 0.0) for e in avg) / 1e3
+        print(f"== profile: BERT {name}, {impl}: wall {wall:.2f} ms (profiled), CUDA kernels {total:.2f} ms")
+        print(avg.table(sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total",
+                        row_limit=16, max_name_column_width=70))
+
+
 TASKS = {"gpt2_train": task_gpt2_train, "gpt2_generate": task_gpt2_generate,
          "bert_infer": task_bert_infer, "bert_finetune": task_bert_finetune}
 
@@ -317,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--gen-iters", type=int, default=3)
     ap.add_argument("--profile-generate", action="store_true", help="only print decode profiles and exit")
+    ap.add_argument("--profile-bert", action="store_true", help="only print BERT fine-tune/inference profiles and exit")
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -326,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     print(meta_title(meta), flush=True)
     if args.profile_generate:
         profile_generate(args, device, dtype)
+        return 0
+    if args.profile_bert:
+        profile_bert(args, device, dtype)
         return 0
     records: list[dict[str, Any]] = []
     json_path = args.out / "models.json"

@@ -1,5 +1,12 @@
-"""Host time of one padded fwd+bwd call (B32 H12 S512 D64 bf16, key+query mask at 26% fill):
-wall time per call of a loop (sync at the end) beside the GPU kernel time, and a cProfile of the loop.
+"""Host time of training-shaped attention calls (fwd+bwd), ours beside SDPA, and where it goes.
+
+Shapes: the padded benchmark batch (B32 H12 S512 D64 bf16, key + query mask at 26% fill) and the
+BERT fine-tune layer after unpadding (varlen, 32 sequences of 142..511 tokens, H12 D64 bf16).
+For each: wall and host time per call of a loop (sync only at the end; host = wall means the call
+is host-bound), with the autograd engine's CUDA worker thread (the default) and with the backward
+on the calling thread; the same for SDPA and for an identity ``autograd.Function`` (the engine's
+own floor); ours with the kernel launches stubbed out (our Python alone); then a cProfile of our
+loop with the backward on the calling thread (cProfile cannot see into the worker thread).
 
     python -m benchmarks.host_backward
 """
@@ -12,48 +19,98 @@ import pstats
 import time
 
 import torch
+import torch.nn.functional as F
 
 
-def main() -> int:
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _per_call_ms(fn, n: int = 200) -> tuple[float, float]:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) / n * 1e3
+
+
+def _cases():
     from hf_triton_attn import flash_attention
 
-    b, h, s, d = 32, 12, 512, 64
     dev, dt = "cuda", torch.bfloat16
-    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_() for _ in range(3))
+    b, h, s, d = 32, 12, 512, 64
     gen = torch.Generator().manual_seed(260)
     lens = (0.26 * s * (0.5 + torch.rand(b, generator=gen))).round().long().clamp(1, s)
     mask = (torch.arange(s)[None] < lens[:, None]).to(dev)
+    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_() for _ in range(3))
     dout = torch.randn_like(q)
+    sdpa_mask = mask[:, None, None, :]
+    padded = dict(
+        ours=lambda: flash_attention(q, k, v, attention_mask=mask, query_mask=mask).backward(dout),
+        sdpa=lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask).backward(dout))
+    lens = torch.randint(142, 512, (32,), generator=gen)
+    cu = torch.zeros(33, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    cu, total, longest = cu.to(dev), int(cu[-1]), int(lens.max())
+    qp, kp, vp = (torch.randn(total, h, d, device=dev, dtype=dt).requires_grad_() for _ in range(3))
+    doutp = torch.randn_like(qp)
+    qs, ks, vs = (torch.randn(1, h, total // 8, d, device=dev, dtype=dt).requires_grad_() for _ in range(3))
+    varlen = dict(
+        ours=lambda: flash_attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                     max_seqlen_k=longest).backward(doutp),
+        sdpa=lambda: F.scaled_dot_product_attention(qs, ks, vs).backward(torch.ones_like(qs)))
+    x = torch.randn(8, device=dev, requires_grad=True)
+    identity = lambda: _Identity.apply(x).sum().backward()
+    return {"padded 26% fill": padded, "varlen BERT layer": varlen, "identity Function": {"ours": identity}}
 
-    def step():
-        flash_attention(q, k, v, attention_mask=mask, query_mask=mask).backward(dout)
-        q.grad = k.grad = v.grad = None
 
-    def fwd():
-        with torch.no_grad():
-            flash_attention(q, k, v, attention_mask=mask, query_mask=mask)
+def main() -> int:
+    from hf_triton_attn.kernels import launch
 
-    for name, fn in (("fwd (no grad)", fwd), ("fwd+bwd", step)):
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t0) / n * 1e3
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n * 1e3
-        print(f"{name}: host {host:.3f} ms per call (loop without sync), wall {wall:.3f} ms")
+    cases = _cases()
+    print("per call, ms: host (loop without sync) / wall; 'calling thread' = "
+          "torch.autograd.set_multithreading_enabled(False)")
+    for name, fns in cases.items():
+        for impl, fn in fns.items():
+            for threads in (True, False):
+                torch.autograd.set_multithreading_enabled(threads)
+                host, wall = _per_call_ms(fn)
+                where = "worker thread " if threads else "calling thread"
+                print(f"  {name:18s} {impl:5s} backward on {where}: host {host:.3f} / wall {wall:.3f}")
+    torch.autograd.set_multithreading_enabled(True)
+    real_call = launch.CachedLauncher.__call__
+    launch.CachedLauncher.__call__ = lambda self, *a, **k: None  # our Python alone
+    try:
+        for name in ("padded 26% fill", "varlen BERT layer"):
+            for threads in (True, False):
+                torch.autograd.set_multithreading_enabled(threads)
+                host, _ = _per_call_ms(cases[name]["ours"])
+                print(f"  {name:18s} ours, launches stubbed, {'worker' if threads else 'calling'} thread: "
+                      f"host {host:.3f}")
+    finally:
+        launch.CachedLauncher.__call__ = real_call
+        torch.autograd.set_multithreading_enabled(True)
+    torch.autograd.set_multithreading_enabled(False)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):
-        step()
+        cases["varlen BERT layer"]["ours"]()
     torch.cuda.synchronize()
     prof.disable()
+    torch.autograd.set_multithreading_enabled(True)
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
-    print(out.getvalue()[:6000])
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(24)
+    print(out.getvalue()[:7000])
     return 0
 
 

@@ -29,12 +29,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def candidates(kind: str, d: int):
     """A pruned space: block shapes that fit Hopper's shared memory at this head dim."""
+    stages = (2, 3, 4) if kind.startswith("fwd") else (2, 3)
     blocks = {
         "fwd": [(128, 64), (128, 128), (64, 64)],
         "dkdv": [(32, 128), (64, 128), (32, 64), (64, 64)],
         "dq": [(128, 32), (128, 64), (64, 64), (64, 32)],
-    }[kind]
-    for (bm, bn), w, s in itertools.product(blocks, (4, 8), (2, 3)):
+    }[kind.removesuffix("_ptr")]
+    for (bm, bn), w, s in itertools.product(blocks, (4, 8), stages):
         if d >= 128 and bm * bn >= 128 * 128 and s > 2:
             continue
         yield dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -44,6 +45,7 @@ def common_args(b, h, s, causal, d):
     return dict(
         key_mask=None,
         query_mask=None,
+        segments=None,
         seqused_k=None,
         cu_seqlens_q=None,
         cu_seqlens_k=None,
@@ -98,12 +100,14 @@ def run_job(job: tuple, timed: bool = True) -> float | None:
     """job = (dtype, D, causal, S, kind, config): compile (and time) one launch configuration."""
     dtype_name, d, causal, s, kind, cfg = job
     p = problem(dtype_name, d, causal, s)
-    if kind == "fwd":
-        fn = lambda: flash_fwd(p["q"], p["k"], p["v"], p["o"], p["lse"], config=cfg, **p["args"])
+    use_tma = False if kind.endswith("_ptr") else None  # KIND: TMA where possible; KIND_ptr: pointer loads
+    if kind.startswith("fwd"):
+        fn = lambda: flash_fwd(p["q"], p["k"], p["v"], p["o"], p["lse"], config=cfg, use_tma=use_tma,
+                               **p["args"])
     else:
-        kw = {"config": cfg} if kind == "dkdv" else {"config_dq": cfg}
+        kw = {"config": cfg} if kind.startswith("dkdv") else {"config_dq": cfg}
         fn = lambda: flash_bwd(p["do"], p["q"], p["k"], p["v"], p["o"], p["lse"], p["delta"], p["dq"],
-                               p["dk"], p["dv"], **kw, **p["args"])
+                               p["dk"], p["dv"], use_tma=use_tma, **kw, **p["args"])
     return time_or_none(fn, timed)
 
 
@@ -118,12 +122,14 @@ def main() -> int:
     ap.add_argument("--dtypes", default="fp16")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--jobs", type=int, default=12, help="processes that compile in parallel first")
+    ap.add_argument("--kinds", default="fwd,dkdv,dq",
+                    help="kernels to sweep: fwd, dkdv, dq (TMA where possible), each also as KIND_ptr (pointer loads)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     combos = list(itertools.product(args.dtypes.split(","), map(int, args.dims.split(",")), (False, True),
                                     map(int, args.seqlens.split(","))))
     jobs = [(dt, d, causal, s, kind, cfg) for dt, d, causal, s in combos
-            for kind in ("fwd", "dkdv", "dq") for cfg in candidates(kind, d)]
+            for kind in args.kinds.split(",") for cfg in candidates(kind, d)]
     t0 = time.time()
     # Compilation is CPU-bound and serial per process: warm Triton's on-disk cache from a pool
     # (jobs stay grouped by shape, so a worker allocates each problem once), then time serially.
@@ -137,16 +143,16 @@ def main() -> int:
         for job in jobs:
             if job[:4] == (dt, d, causal, s):
                 ms = run_job(job)
-                mult = 1.0 if job[4] == "fwd" else 2.5
+                mult = 1.0 if job[4].startswith("fwd") else 2.5
                 flops = problem(dt, d, causal, s)["flops"]
                 rows.append(dict(kind=job[4], config=job[5], ms=ms,
                                  tflops=None if ms is None else flops * mult / ms / 1e9))
         results["runs"].append(dict(dtype=dt, D=d, causal=causal, S=s, rows=rows))
-        for kind in ("fwd", "dkdv", "dq"):
+        for kind in args.kinds.split(","):
             ok = sorted((r for r in rows if r["kind"] == kind and r["ms"] is not None), key=lambda r: r["ms"])
-            for rank, r in enumerate(ok[:3]):
+            for rank, r in enumerate(ok[:5]):
                 c = r["config"]
-                summary.append(f"{dt} D={d:3d} causal={int(causal)} S={s:5d} {kind:4s} #{rank + 1} "
+                summary.append(f"{dt} D={d:3d} causal={int(causal)} S={s:5d} {kind:7s} #{rank + 1} "
                                f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} "
                                f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s")
     with open(os.path.join(args.out, "sweep.json"), "w") as f:

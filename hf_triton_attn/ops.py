@@ -216,18 +216,6 @@ def _validate(q, k, v, *, causal, softmax_scale, dropout_p, attention_mask, quer
 # kernel launch (eager autograd.Function and torch.library custom op share these)
 # ----------------------------------------------------------------------------------------------
 
-def _as_4d(t: torch.Tensor, num_seqs: int, is_varlen: bool) -> torch.Tensor:
-    """Dense tensors as they are; packed (T, H, D) as a (num_seqs, H, T, D) view with batch stride 0."""
-    if not is_varlen:
-        return t
-    return t.permute(1, 0, 2).unsqueeze(0).expand(num_seqs, -1, -1, -1)
-
-
-def _as_3d_rows(t: torch.Tensor, num_seqs: int, is_varlen: bool) -> torch.Tensor:
-    """LSE/delta: dense (B, H, S) as is; varlen (H, T) as a (num_seqs, H, T) view with batch stride 0."""
-    return t.unsqueeze(0).expand(num_seqs, -1, -1) if is_varlen else t
-
-
 def _empty_out(q: torch.Tensor, head_dim_v: int, is_varlen: bool) -> torch.Tensor:
     """Output in q's memory layout: BSHD memory viewed as BHSD when q is a transposed BSHD tensor."""
     if is_varlen:
@@ -312,8 +300,7 @@ def _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqle
     from .kernels.forward import flash_fwd
 
     flash_fwd(
-        _as_4d(q, num_seqs, is_varlen), _as_4d(k, num_seqs, is_varlen), _as_4d(v, num_seqs, is_varlen),
-        _as_4d(out, num_seqs, is_varlen), _as_3d_rows(lse, num_seqs, is_varlen),
+        q, k, v, out, lse,
         **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                        cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                        window_left, window_right, dropout_p, interpret))
@@ -336,11 +323,7 @@ def _backward_launch(dout, q, k, v, out, lse, key_mask, query_mask, segments, se
     from .kernels.backward import flash_bwd
 
     flash_bwd(
-        _as_4d(dout, num_seqs, is_varlen), _as_4d(q, num_seqs, is_varlen),
-        _as_4d(k, num_seqs, is_varlen), _as_4d(v, num_seqs, is_varlen),
-        _as_4d(out, num_seqs, is_varlen), _as_3d_rows(lse, num_seqs, is_varlen),
-        _as_3d_rows(delta, num_seqs, is_varlen), _as_4d(dq, num_seqs, is_varlen),
-        _as_4d(dk, num_seqs, is_varlen), _as_4d(dv, num_seqs, is_varlen),
+        dout, q, k, v, out, lse, delta, dq, dk, dv,
         **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                        cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                        window_left, window_right, dropout_p, interpret))

@@ -50,6 +50,8 @@ def _prepare_env() -> None:
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     if os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_compile: ignoring TRITON_INTERPRET (this check compiles for the GPU)", flush=True)
+    # the launchers build TMA descriptors for dense 16-bit K/V on Hopper: record those launches too
+    os.environ.setdefault("HF_TRITON_ATTN_TMA", "force")
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
 
@@ -541,6 +543,8 @@ def compile_job(job: Job) -> tuple[bool, str, float, str]:
             src = ASTSource(fn, job.signature, job.constexprs, job.attrs)
             kernel = triton.compile(src, target=GPUTarget(*TARGET), options=dict(job.options))
             ok, err, log = True, "", ""
+            if os.environ.get("AOT_STATS") == "1":
+                err = _code_stats(kernel)
             if not kernel.asm.get("cubin"):
                 ok, err = False, "no cubin produced"
             elif kernel.metadata.shared > MAX_SHARED_BYTES:
@@ -558,6 +562,20 @@ def compile_job(job: Job) -> tuple[bool, str, float, str]:
             os.dup2(saved, 2)
             os.close(saved)
     return ok, err, time.perf_counter() - start, log
+
+
+def _code_stats(kernel) -> str:
+    """One line on what the compiler made of a kernel (``--stats``): registers, spills, shared memory,
+    and how many TMA copies, async copies, global loads, wgmma ops and layout conversions it has."""
+    ptx, ttgir = kernel.asm.get("ptx", ""), kernel.asm.get("ttgir", "")
+    counts = dict(tma=ptx.count("cp.async.bulk.tensor"), cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                  ld_global=ptx.count("ld.global"), wgmma=ptx.count("wgmma.mma_async"),
+                  mma_sync=ptx.count("mma.sync"), convert_layout=ttgir.count("ttg.convert_layout"))
+    md = kernel.metadata
+    regs = getattr(kernel, "n_regs", None)
+    spills = getattr(kernel, "n_spills", None)
+    return (f"regs {regs} spills {spills} shared {md.shared} | "
+            + " ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def _expected_cost(job: Job) -> float:
@@ -585,7 +603,11 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache dir (default: a fresh temporary one, so everything is compiled)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print full logs of failures and every compile time")
+    ap.add_argument("--stats", action="store_true",
+                    help="print registers, spills, shared memory and TMA / wgmma / layout-conversion counts per kernel")
     a = ap.parse_args()
+    if a.stats:
+        os.environ["AOT_STATS"] = "1"  # read by the workers (spawned after this)
 
     _prepare_env()
     import triton
@@ -635,6 +657,8 @@ def main() -> int:
             timings.append((secs, job))
             if ok:
                 n_ok += 1
+                if a.stats:
+                    print(f"STATS {job.name} [{job.describe()}] <- {job.cases[0]} :: {err}", flush=True)
                 continue
             n_fail += 1
             more = f" (+{len(job.cases) - 1} more)" if len(job.cases) > 1 else ""

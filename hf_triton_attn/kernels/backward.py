@@ -36,10 +36,14 @@ from .launch import (
     FLAG_NAMES,
     CachedLauncher,
     alibi_strides,
+    bhsd_strides,
     feature_flag_values,
     mask_strides,
     ptr_or,
+    rows_strides,
     segment_strides,
+    tma_can_read,
+    tma_descriptors,
 )
 
 
@@ -88,13 +92,14 @@ def _load_lse2(lse_ptrs, mask):
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, key_ok,
-    q_base, do_base, lse_base, delta_base,
+    q_base, do_base, lse_base, delta_base, q_desc, do_desc, b, h,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
     start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v,
     q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
     start, end,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -105,10 +110,14 @@ def _bwd_dkdv_inner(
         rows = offs_m.to(tl.int64)
         row_ok = offs_m < q_len
         lse2 = _load_lse2(lse_base + rows * stride_lm, row_ok)  # [BLOCK_M]
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                     mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        if USE_TMA:  # dense layout: rows past Sq (= q_len) and columns past the head dims arrive as 0
+            q = q_desc.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+            do = do_desc.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_DV])
+        else:
+            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         delta = tl.load(delta_base + rows * stride_lm, mask=row_ok, other=0.0)
         # [BLOCK_M, BLOCK_N] scores, probabilities recomputed from the LSE
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -147,7 +156,7 @@ def _bwd_dkdv_inner(
 @triton.jit(do_not_specialize=["seqlen_q"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -162,7 +171,7 @@ def _bwd_dkdv_kernel(
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     num_kv_heads = num_heads // kv_group
@@ -230,25 +239,28 @@ def _bwd_dkdv_kernel(
                 q_first, q_end = lse_extent(lse_base, stride_lm, q_len, EXTENT_CHUNK)
                 h_lo, h_mid_lo, h_mid_hi, h_hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, q_first, q_end, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, b, h,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_lo, h_mid_lo,
-                True, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+                True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, b, h,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_lo, h_mid_hi,
-                False, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+                False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, b, h,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_hi, h_hi,
-                True, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+                True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
 
     dk = dk * sm_scale
@@ -262,12 +274,13 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse2, delta,
-    k_base, v_base, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+    k_base, v_base, k_desc, v_desc, b, h_kv, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
     offs_m, offs_d, offs_dv, head_dim, head_dim_v,
     q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
     start, end,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -280,10 +293,19 @@ def _bwd_dq_inner(
         n_ok = offs_n < k_len
         rows = offs_n.to(tl.int64)
         # K [BLOCK_N, BLOCK_D], V [BLOCK_N, BLOCK_DV]
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        if USE_TMA:
+            # Rows in [k_len, Sk) (seqused_k) are real memory: zeroed, since ds = 0 there would not
+            # cancel a NaN in K (dq += ds K) or V (dp = dO V^T) as the masked loads' zeros do.
+            k = k_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_D])
+            v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
+            if MASKED:
+                k = tl.where(n_ok[:, None], k, 0.0)
+                v = tl.where(n_ok[:, None], v, 0.0)
+        else:
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s2, t = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
                                 HAS_SOFTCAP, HAS_ALIBI)
@@ -311,7 +333,7 @@ def _bwd_dq_inner(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -325,7 +347,7 @@ def _bwd_dq_kernel(
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -387,26 +409,26 @@ def _bwd_dq_kernel(
         key_first, key_end = mask_extent(key_mask_base, stride_kmn, k_len, EXTENT_CHUNK)
         lo, mid_lo, mid_hi, hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, key_first, key_end, BLOCK_N)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
+        dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
-        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_QUERY_MASK, HAS_DROPOUT,
-        HAS_SEGMENTS, DOT_PRECISION)
+        True, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
+        dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
-        False, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_QUERY_MASK, HAS_DROPOUT,
-        HAS_SEGMENTS, DOT_PRECISION)
+        False, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, key_mask_base,
+        dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
-        True, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK, HAS_QUERY_MASK, HAS_DROPOUT,
-        HAS_SEGMENTS, DOT_PRECISION)
+        True, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
+        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
@@ -415,65 +437,76 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=4)
-_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=15)
-_launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=14)
+_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=17)
+_launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=16)
 _DELTA_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=256)
 def _bwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
-              config: tuple | None, config_dq: tuple | None) -> tuple:
+              config: tuple | None, config_dq: tuple | None, use_tma: bool) -> tuple:
     """Constexpr values (signature order) and launch options of the delta, dk/dv and dq kernels,
     computed once per feature combination."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     cfg = dict(config) if config else dkdv_config(block_d, block_dv, elem_size)
     cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, elem_size)
-    common = dict(zip(FLAG_NAMES, flags), BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision)
+    common = dict(zip(FLAG_NAMES, flags), BLOCK_D=block_d, BLOCK_DV=block_dv, USE_TMA=use_tma,
+                  DOT_PRECISION=dot_precision)
     delta = dict(IS_VARLEN=common["IS_VARLEN"], BLOCK_M=_DELTA_BLOCK, BLOCK_DV=block_dv)
     dkdv = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
     dq = dict(common, BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"])
     return (tuple(delta[n] for n in _launch_delta.constexpr_names),
-            (tuple(dkdv[n] for n in _launch_dkdv.constexpr_names), cfg["BLOCK_N"], cfg["num_warps"],
-             cfg["num_stages"]),
-            (tuple(dq[n] for n in _launch_dq.constexpr_names), cfg_dq["BLOCK_M"], cfg_dq["num_warps"],
-             cfg_dq["num_stages"]))
+            (tuple(dkdv[n] for n in _launch_dkdv.constexpr_names), cfg["BLOCK_M"], cfg["BLOCK_N"],
+             cfg["num_warps"], cfg["num_stages"]),
+            (tuple(dq[n] for n in _launch_dq.constexpr_names), cfg_dq["BLOCK_M"], cfg_dq["BLOCK_N"],
+             cfg_dq["num_warps"], cfg_dq["num_stages"]))
 
 
 def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, segments, seqused_k,
               cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q: int, max_seqlen_k: int,
               num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
               dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None,
-              config_dq: dict | None = None) -> None:
+              config_dq: dict | None = None, use_tma: bool | None = None) -> None:
     """Launch delta, dk/dv and dq kernels. Writes ``delta``, ``dq``, ``dk``, ``dv``; allocates nothing.
 
-    Same 4-D view convention as ``forward.flash_fwd``; ``delta`` has the layout of ``lse``.
+    Same layouts as ``forward.flash_fwd`` (dense 4-D or packed 3-D); ``delta`` has the layout of ``lse``.
     ``query_mask`` is only used as a flag: padded query rows carry LSE = -inf from the forward.
     ``config`` / ``config_dq`` override the launch parameters of the dk/dv and dq kernels.
+    The streamed tiles (q and dO in dk/dv, k and v in dq) are read through TMA descriptors where
+    ``launch.tma_can_read`` accepts all four (``use_tma`` False: never, for comparisons).
     """
-    num_heads, head_dim = q.shape[1], q.shape[3]
+    num_heads, head_dim = q.shape[1], q.shape[-1]
     num_kv_heads = k.shape[1]
-    head_dim_v = v.shape[3]
+    head_dim_v = v.shape[-1]
+    vl = is_varlen
     flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
                                 seqused_k, is_varlen, dropout_p)
-    delta_cx, (dkdv_cx, dkdv_block_n, dkdv_warps, dkdv_stages), (dq_cx, dq_block_m, dq_warps, dq_stages) = _bwd_meta(
+    tma = use_tma is not False and not is_varlen and tma_can_read(q, do) and tma_can_read(k, v)
+    (delta_cx, (dkdv_cx, dkdv_block_m, dkdv_block_n, dkdv_warps, dkdv_stages),
+     (dq_cx, dq_block_m, dq_block_n, dq_warps, dq_stages)) = _bwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
-        tuple(sorted(config.items())) if config else None, tuple(sorted(config_dq.items())) if config_dq else None)
+        tuple(sorted(config.items())) if config else None, tuple(sorted(config_dq.items())) if config_dq else None,
+        tma)
+    q_desc, do_desc = tma_descriptors(q, do, dkdv_block_m) if tma else (None, None)
+    k_desc, v_desc = tma_descriptors(k, v, dq_block_n) if tma else (None, None)
     optional = tuple(ptr_or(t, lse) for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
                                               rng))
     km_strides, ab_strides = mask_strides(key_mask) + segment_strides(segments), alibi_strides(alibi)
     scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
                sm_scale, softcap, window_left, window_right, dropout_p)
+    q_st, k_st, v_st, do_st = (bhsd_strides(t, vl) for t in (q, k, v, do))
+    lse_st = rows_strides(lse, vl)
     _launch_delta(
-        (triton.cdiv(max_seqlen_q, _DELTA_BLOCK), num_seqs * num_heads, 1),
-        (o, do, delta, optional[3], *o.stride(), *do.stride(), *delta.stride(), max_seqlen_q, num_heads,
+        (-(-max_seqlen_q // _DELTA_BLOCK), num_seqs * num_heads, 1),
+        (o, do, delta, optional[3], *bhsd_strides(o, vl), *bhsd_strides(do, vl), *rows_strides(delta, vl),
+         max_seqlen_q, num_heads,
          head_dim_v), delta_cx, 4, 1)
     _launch_dkdv(
-        (triton.cdiv(max_seqlen_k, dkdv_block_n), num_seqs * num_kv_heads, 1),
-        (q, k, v, do, lse, delta, dk, dv, *optional,
-         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-         *lse.stride(), *km_strides, *ab_strides, *scalars), dkdv_cx, dkdv_warps, dkdv_stages)
+        (-(-max_seqlen_k // dkdv_block_n), num_seqs * num_kv_heads, 1),
+        (q, k, v, do, lse, delta, dk, dv, *optional, q_desc, do_desc, *q_st, *k_st, *v_st, *do_st,
+         *bhsd_strides(dk, vl), *bhsd_strides(dv, vl), *lse_st, *km_strides, *ab_strides, *scalars),
+        dkdv_cx, dkdv_warps, dkdv_stages)
     _launch_dq(
-        (triton.cdiv(max_seqlen_q, dq_block_m), num_seqs * num_heads, 1),
-        (q, k, v, do, lse, delta, dq, *optional,
-         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-         *lse.stride(), *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)
+        (-(-max_seqlen_q // dq_block_m), num_seqs * num_heads, 1),
+        (q, k, v, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *do_st, *bhsd_strides(dq, vl),
+         *lse_st, *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)

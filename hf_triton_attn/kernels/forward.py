@@ -15,6 +15,7 @@ import triton.language as tl
 from .common import (
     EXTENT_CHUNK,
     LN2,
+    LOG2E,
     allowed_mask,
     clamp_to_extent,
     dropout_keep,
@@ -29,53 +30,76 @@ from .launch import (
     FLAG_NAMES,
     CachedLauncher,
     alibi_strides,
+    bhsd_strides,
     feature_flag_values,
     mask_strides,
     ptr_or,
+    rows_strides,
     segment_strides,
+    tma_can_read,
+    tma_descriptors,
 )
 
 
 @triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q,
-    k_base, v_base, key_mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
+    k_base, v_base, k_desc, v_desc, b, h_kv, key_mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
     offs_m, offs_d, offs_dv, head_dim, head_dim_v,
     q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
     start, end,
     MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
+    # log2(e) * sm_scale, applied once per element (FUSED_SCALE: inside the exp2's FMA)
+    scale2 = sm_scale * LOG2E
     # No per-block "any live key?" branch here: it made the body an scf.if, which stops software
     # pipelining; the caller clamps [start, end) to the mask's extent instead (common.mask_extent).
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         if HAS_KEY_MASK:
             key_ok = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0) != 0
-        # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
-        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
-        if MASKED:
-            kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
+        if USE_TMA:
+            # Tensor-memory-accelerator copies of the (1, 1, BLOCK_N, BLOCK_D) boxes: rows past the
+            # stored keys and columns past head_dim arrive as zeros; rows in [k_len, Sk) (seqused_k)
+            # are real memory, so V is zeroed there (p is 0, but 0 * NaN would not be).
+            kT = tl.trans(k_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
+            v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
+            if MASKED:
+                v = tl.where(offs_n[:, None] < k_len, v, 0.0)
         else:
-            if EVEN_D:
-                kT = tl.load(k_ptrs)
+            # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
+            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+            if MASKED:
+                kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
             else:
-                kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
-            if EVEN_DV:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+                if EVEN_D:
+                    kT = tl.load(k_ptrs)
+                else:
+                    kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+                if EVEN_DV:
+                    v = tl.load(v_ptrs)
+                else:
+                    v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
         # [BLOCK_M, BLOCK_N] raw q.k
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s2, _ = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
-                                HAS_SOFTCAP, HAS_ALIBI)
+        if FUSED_SCALE:
+            # Plain scores, sm_scale > 0: mask the raw dot, take the row max of the raw values
+            # (scaling by a positive number commutes with max), and form p = exp2(qk * scale2 - m)
+            # with one FMA per element, as the Triton tutorial does.
+            s2 = qk
+        else:
+            s2, _ = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
+                                    HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
             ok = allowed_mask(offs_m, offs_n, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             if HAS_SEGMENTS:  # key j in row i's run [seg_start_i, seg_end_i)
@@ -85,9 +109,14 @@ def _fwd_inner(
             s2 = tl.where(key_ok[None, :], s2, float("-inf"))
         # Online softmax. A row with no visible key so far keeps m = -inf; m_safe = 0 then
         # makes p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 instead of NaN.
-        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        if FUSED_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s2, axis=1) * scale2)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s2 * scale2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        else:
+            m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
@@ -101,7 +130,7 @@ def _fwd_inner(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KEY_MASK, QUERY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+    KEY_MASK, QUERY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -115,7 +144,8 @@ def _fwd_kernel(
     HAS_SEGMENTS: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -186,27 +216,30 @@ def _fwd_kernel(
         lo, mid_lo, mid_hi, hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, key_first, key_end, BLOCK_N)
     # phase 1: masked blocks at the left window edge
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, key_mask_base,
+        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
-        True, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        True, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
+        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
         HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     # phase 2: steady state, every position visible
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, key_mask_base,
+        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
-        False, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        False, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
+        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
         HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
     # phase 3: masked blocks at the diagonal / right window edge / sequence end
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, key_mask_base,
+        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
-        True, BLOCK_N, EVEN_D, EVEN_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        True, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
+        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
         HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
 
     # Rows with no visible key (l = 0) and padded query rows: output 0, LSE -inf.
@@ -226,43 +259,53 @@ def _fwd_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-_launch_fwd = CachedLauncher(_fwd_kernel, num_pointers=13)
+_launch_fwd = CachedLauncher(_fwd_kernel, num_pointers=15)
 
 
 @functools.lru_cache(maxsize=256)
 def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
-              config: tuple | None) -> tuple:
-    """(constexpr values in signature order, BLOCK_M, num_warps, num_stages): computed once per
-    feature combination, so a decode step pays a dict lookup instead of rebuilding them."""
+              config: tuple | None, use_tma: bool, fused_scale: bool) -> tuple:
+    """(constexpr values in signature order, BLOCK_M, BLOCK_N, num_warps, num_stages): computed once
+    per feature combination, so a decode step pays a dict lookup instead of rebuilding them."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
-    cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size)
-    values = dict(zip(FLAG_NAMES, flags), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
-                  BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
-                  DOT_PRECISION=dot_precision)
-    return (tuple(values[n] for n in _launch_fwd.constexpr_names), cfg["BLOCK_M"], cfg["num_warps"],
-            cfg["num_stages"])
+    values = dict(zip(FLAG_NAMES, flags))
+    cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size, tma=use_tma,
+                                                 diagonal=values["HAS_RIGHT"])
+    values.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, USE_TMA=use_tma,
+                  FUSED_SCALE=fused_scale, DOT_PRECISION=dot_precision)
+    return (tuple(values[n] for n in _launch_fwd.constexpr_names), cfg["BLOCK_M"], cfg["BLOCK_N"],
+            cfg["num_warps"], cfg["num_stages"])
 
 
 def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
               alibi, rng, max_seqlen_q: int, max_seqlen_k: int, num_seqs: int, sm_scale: float,
               softcap: float, window_left: int, window_right: int, dropout_p: float,
-              is_varlen: bool, dot_precision: str, config: dict | None = None) -> None:
+              is_varlen: bool, dot_precision: str, config: dict | None = None,
+              use_tma: bool | None = None) -> None:
     """Launch the forward kernel. Writes ``o`` and ``lse``; allocates nothing.
 
-    q, k, v, o are 4-D ``(B, H, S, D)`` views with any strides (varlen: batch stride 0, S = total
-    tokens); lse is ``(B, H, S)`` the same way. Optional tensors are None when absent.
+    q, k, v, o are ``(B, H, S, D)`` with any strides, or packed ``(T, H, D)`` when ``is_varlen``;
+    lse is ``(B, H, S)`` / ``(H, T)``. Optional tensors are None when absent.
+    K and V tiles are read through host-built TMA descriptors when ``tma_descriptors`` accepts the
+    tensors (dense layout; ``use_tma`` None = wherever possible, False = never, for comparisons).
     """
-    num_heads, head_dim = q.shape[1], q.shape[3]
-    head_dim_v = v.shape[3]
+    num_heads, head_dim = q.shape[1], q.shape[-1]
+    head_dim_v = v.shape[-1]
     flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
                                 seqused_k, is_varlen, dropout_p)
-    constexprs, block_m, num_warps, num_stages = _fwd_meta(
+    tma = use_tma is not False and not is_varlen and tma_can_read(k, v)
+    constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
-        tuple(sorted(config.items())) if config else None)
+        tuple(sorted(config.items())) if config else None, tma,
+        softcap == 0.0 and alibi is None and sm_scale > 0.0)
+    k_desc, v_desc = tma_descriptors(k, v, block_n) if tma else (None, None)
     args = (q, k, v, o, lse,
             ptr_or(key_mask, lse), ptr_or(query_mask, lse), ptr_or(segments, lse), ptr_or(seqused_k, lse),
             ptr_or(cu_seqlens_q, lse), ptr_or(cu_seqlens_k, lse), ptr_or(alibi, lse), ptr_or(rng, lse),
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
+            k_desc, v_desc,
+            *bhsd_strides(q, is_varlen), *bhsd_strides(k, is_varlen), *bhsd_strides(v, is_varlen),
+            *bhsd_strides(o, is_varlen), *rows_strides(lse, is_varlen),
             *mask_strides(key_mask), *mask_strides(query_mask), *segment_strides(segments), *alibi_strides(alibi),
             max_seqlen_q, max_seqlen_k, num_heads, num_heads // k.shape[1], head_dim, head_dim_v,
             sm_scale, softcap, window_left, window_right, dropout_p)

@@ -10,6 +10,21 @@ def ptr_or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return t if t is not None else dummy
 
 
+def bhsd_strides(t: torch.Tensor, is_varlen: bool) -> tuple:
+    """Strides of ``t`` seen as (B, H, S, D): dense tensors as they are; packed (T, H, D) tensors
+    with batch stride 0 and token stride as S stride (rows are offset by ``cu_seqlens`` in-kernel).
+    Computing them here instead of building expanded views saves three view ops per tensor."""
+    st = t.stride()
+    return (0, st[1], st[0], st[2]) if is_varlen else st
+
+
+def rows_strides(t: torch.Tensor, is_varlen: bool) -> tuple:
+    """Strides of an LSE / delta buffer seen as (B, H, S): dense (B, H, S) as is, varlen (H, T)
+    with batch stride 0."""
+    st = t.stride()
+    return (0, st[0], st[1]) if is_varlen else st
+
+
 def mask_strides(mask: torch.Tensor | None) -> tuple[int, int]:
     return tuple(mask.stride()) if mask is not None else (0, 0)
 
@@ -30,6 +45,79 @@ def alibi_strides(alibi: torch.Tensor | None) -> tuple[int, int]:
     return (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
 
 
+_TMA_DTYPES = (torch.float16, torch.bfloat16)
+_tma_by_device: dict = {}
+
+
+def _tma_usable(device: torch.device) -> bool:
+    """Host-built TMA descriptors work here: Hopper or newer (or the interpreter), Triton's
+    ``TensorDescriptor`` importable, and ``HF_TRITON_ATTN_TMA`` not set to 0 (``force``: on any
+    device, for scripts/aot_compile.py, which records sm_90 launches from CPU tensors)."""
+    key = (device.type, device.index)
+    usable = _tma_by_device.get(key)
+    if usable is None:
+        import os
+
+        setting = os.environ.get("HF_TRITON_ATTN_TMA", "1")
+        usable = setting != "0"
+        try:
+            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+        except ImportError:
+            usable = False
+        if setting == "force":
+            pass
+        elif device.type == "cuda":
+            usable = usable and torch.cuda.get_device_capability(device)[0] >= 9
+        else:
+            usable = usable and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        _tma_by_device[key] = usable
+    return usable
+
+
+def _tma_readable(t: torch.Tensor) -> bool:
+    """A TMA descriptor can describe ``t`` as it is: 16-byte aligned base, unit last stride, every
+    other stride a positive multiple of 16 bytes, no empty dimension."""
+    if t.dtype not in _TMA_DTYPES or t.data_ptr() % 16 or t.numel() == 0:
+        return False
+    strides = t.stride()
+    if strides[-1] != 1:
+        return False
+    size = t.element_size()
+    return all(st > 0 and st * size % 16 == 0 for st in strides[:-1])
+
+
+def tma_can_read(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``tma_descriptors`` may describe these 4-D (B, H, S, D) K and V on this device."""
+    return _tma_usable(k.device) and _tma_readable(k) and _tma_readable(v)
+
+
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
+    """Descriptors of (1, 1, block_n, padded head dim) boxes of K and V (``tma_can_read`` first)."""
+    from .configs import block_dim
+
+    box = _tma_box_class()
+    return (box(k, list(k.shape), list(k.stride()), [1, 1, block_n, block_dim(k.shape[3])]),
+            box(v, list(v.shape), list(v.stride()), [1, 1, block_n, block_dim(v.shape[3])]))
+
+
+_TMA_BOX = None
+
+
+def _tma_box_class():
+    """Triton's ``TensorDescriptor`` without its per-construction checks (``_tma_readable`` made
+    them): construction 2.1 -> 0.6 us per descriptor on the 2-core CPU machine (2026-11-26)."""
+    global _TMA_BOX
+    if _TMA_BOX is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        class _TmaBox(TensorDescriptor):
+            def __post_init__(self) -> None:
+                pass
+
+        _TMA_BOX = _TmaBox
+    return _TMA_BOX
+
+
 FLAG_NAMES = ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_KEY_MASK", "HAS_QUERY_MASK",
               "HAS_SEGMENTS", "HAS_SEQUSED_K", "IS_VARLEN", "HAS_DROPOUT")
 
@@ -47,19 +135,33 @@ def feature_flag_values(window_left: int, window_right: int, softcap: float, ali
 # ----------------------------------------------------------------------------------------------
 
 _I32 = (-(2**31), 2**31)
+_TENSOR = torch.Tensor  # plain tensors take the inline branch of the raw key (no function call)
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
                   torch.uint8: "u8", torch.bool: "u1"}
 
 
+def _pointer_class(a):
+    """Class of a pointer-like argument: a tensor's dtype and 16-byte alignment, a TMA descriptor's
+    dtype and box shape (Triton types it ``tensordesc<dtype[box]>``), or None (a constexpr)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if a is None:
+        return None
+    return ("desc", a.base.dtype, tuple(a.block_shape))
+
+
 def _arg_class(a):
     """What Triton (3.6) specializes a runtime argument on; equal classes -> the same compiled kernel.
 
-    Tensors: dtype and 16-byte alignment of the data pointer. Ints: the value 1 (a constexpr), else
-    the integer type (i32 / i64 / u64) and divisibility by 16. Floats, bools and None: their type.
+    Tensors: dtype and 16-byte alignment of the data pointer. TMA descriptors: dtype and box shape.
+    Ints: the value 1 (a constexpr), else the integer type (i32 / i64 / u64) and divisibility by 16.
+    Floats, bools and None: their type.
     """
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
+    if hasattr(a, "block_shape") and hasattr(a, "base"):
+        return _pointer_class(a)
     if isinstance(a, bool):
         return "u1"
     if isinstance(a, int):
@@ -87,6 +189,8 @@ def _predicted_triton_spec(cls) -> tuple:
         return (cls[1], None)
     if isinstance(cls, tuple) and isinstance(cls[0], torch.dtype):
         return ("*" + _TRITON_DTYPES.get(cls[0], "?"), "D" if cls[1] else "")
+    if isinstance(cls, tuple) and cls[0] == "desc":
+        return (f"tensordesc<{_TRITON_DTYPES.get(cls[1], '?')}[{', '.join(map(str, cls[2]))}]>", None)
     if cls == 1:
         return ("constexpr", 1)
     if cls is None:
@@ -108,9 +212,9 @@ class CachedLauncher:
     cache key depends on besides the constexprs and launch options, and launched directly.
 
     Computing those classes in Python costs about as much as Triton's native binder, so a second,
-    cheaper key comes first: the raw scalar arguments plus each pointer's dtype and 16-byte
-    alignment (the pointers are the first ``num_pointers`` arguments). A training loop or the layers
-    of one decode step repeat it exactly; a new one (the cache grew by a token) computes the classes
+    cheaper key comes first: the raw scalar arguments plus each pointer's class (``_pointer_class``;
+    pointers, TMA descriptors and absent optionals are the first ``num_pointers`` arguments). A
+    training loop or the layers of one decode step repeat it exactly; a new one (the cache grew by a token) computes the classes
     once. The first call of each class goes through Triton (compiling if needed) and checks that
     Triton's specialization agrees with the predicted one; if it ever does not (another Triton
     version), this launcher keeps using ``kernel[grid](...)`` for good: slower, never wrong. The
@@ -148,7 +252,8 @@ class CachedLauncher:
                 device = torch.cuda.current_device()
                 n = self.num_pointers
                 raw = (device, num_warps, num_stages, constexprs, args[n:],
-                       tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n]]))
+                       tuple([(t.dtype, t.data_ptr() % 16 == 0) if t.__class__ is _TENSOR else _pointer_class(t)
+                              for t in args[:n]]))
                 kernel = self.by_raw.get(raw)
                 if kernel is None:
                     key = (device, num_warps, num_stages, constexprs,
@@ -178,8 +283,9 @@ class CachedLauncher:
         (and the pointers are exactly the first ``num_pointers`` arguments, as the raw key assumes)."""
         try:
             n = self.num_pointers
-            layout_ok = (all(isinstance(a, torch.Tensor) for a in args[:n])
-                         and not any(isinstance(a, torch.Tensor) for a in args[n:]))
+            layout_ok = (all(a is None or isinstance(a, torch.Tensor) or hasattr(a, "block_shape")
+                             for a in args[:n])
+                         and not any(isinstance(a, torch.Tensor) or hasattr(a, "block_shape") for a in args[n:]))
             binder = self.fn.device_caches[device][4]
             kwargs = dict(zip(self.constexpr_names, constexprs), num_warps=num_warps, num_stages=num_stages)
             _, specialization, _ = binder(*args, **kwargs)
