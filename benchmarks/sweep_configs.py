@@ -77,6 +77,11 @@ def time_or_none(fn, timed: bool = True) -> float | None:
 _problems: dict = {}
 
 
+# --fill: key + query padding masks with this mean fraction of real tokens (an environment variable, so
+# the spawned precompile workers see it too)
+FILL = float(os.environ["SWEEP_FILL"]) if os.environ.get("SWEEP_FILL") else None
+
+
 def problem(dtype_name: str, d: int, causal: bool, s: int) -> dict:
     """Inputs, buffers and launcher arguments of one benchmark shape (cached per process)."""
     key = (dtype_name, d, causal, s)
@@ -89,6 +94,10 @@ def problem(dtype_name: str, d: int, causal: bool, s: int) -> dict:
         o = torch.empty_like(q)
         lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
         args = common_args(b, h, s, causal, d)
+        if FILL is not None:  # right padding, lengths uniform around FILL * s (the padded benchmark's)
+            g = torch.Generator().manual_seed(260)
+            lens = (FILL * s * (0.5 + torch.rand(b, generator=g))).round().long().clamp(1, s)
+            args["key_mask"] = args["query_mask"] = (torch.arange(s)[None] < lens[:, None]).cuda()
         flash_fwd(q, k, v, o, lse, **args)
         _problems[key] = dict(q=q, k=k, v=v, o=o, lse=lse, args=args, do=torch.randn_like(o),
                               dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
@@ -124,7 +133,13 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=12, help="processes that compile in parallel first")
     ap.add_argument("--kinds", default="fwd,dkdv,dq",
                     help="kernels to sweep: fwd, dkdv, dq (TMA where possible), each also as KIND_ptr (pointer loads)")
+    ap.add_argument("--fill", type=float, default=None,
+                    help="add key and query padding masks with this mean fill (e.g. 0.58, 1.0)")
     args = ap.parse_args()
+    global FILL
+    FILL = args.fill
+    if FILL is not None:
+        os.environ["SWEEP_FILL"] = str(FILL)
     os.makedirs(args.out, exist_ok=True)
     combos = list(itertools.product(args.dtypes.split(","), map(int, args.dims.split(",")), (False, True),
                                     map(int, args.seqlens.split(","))))

@@ -95,3 +95,32 @@ def spy_on(monkeypatch, module, name: str = "flash_attention") -> list:
 
     monkeypatch.setattr(module, name, spy)
     return calls
+
+
+def stored_output_allowance(q, k, kw, out, ora, dout) -> dict:
+    """Elementwise bounds of the dq / dk error caused by the backward reading the stored output.
+
+    The kernel's backward uses ``delta_i = dO_i . O_i`` with O as stored (rounded to the input dtype,
+    FlashAttention-2 does the same); the same-dtype PyTorch reference differentiates the softmax
+    instead. The difference ``Delta_i = dO_i . (O_stored_i - O_exact_i)`` enters
+    ``dS_ij = P_ij (dP_ij - delta_i)`` (times ``1 - tanh^2 <= 1`` with softcap, P without dropout), so
+    ``|error dq_i| <= scale |Delta_i| max|k|`` and ``|error dk_j| <= scale max|q| sum_i P_ij |Delta_i|``;
+    ``sum_i P_ij |Delta_i|`` is the value-gradient of the float64 oracle on a ones value for an output
+    gradient ``|Delta|``. Where the exact gradient cancels to 0 (each query sees one key, dropout
+    scaling the output off the dtype's grid) this term is all that is left (GPU fuzz, 2026-11-26);
+    so it is where the forward's p for the row maximum is not exactly 1 (FlashAttention-2's
+    exp2(x * scale - max * scale) FMA) and is rounded to the dtype before the P V dot (GPU edge-case
+    test, one-hot fp16 rows, 2026-11-26).
+    """
+    scale = q.shape[-1] ** -0.5
+    delta = (dout.double() * (out.detach().double() - ora.detach())).sum(-1).abs()  # [..., Sq] or [T, H]
+    oracle_kw = {name: val for name, val in kw.items() if name != "dropout_p"}
+    q64, k64 = q.detach().double(), k.detach().double()
+    ones = torch.ones(k64.shape[:-1] + (1,), dtype=torch.float64, device=k.device, requires_grad=True)
+    o2 = attention_reference(q64, k64, ones, **oracle_kw)
+    (weighted,) = torch.autograd.grad(o2, ones, delta.unsqueeze(-1).to(o2.dtype), allow_unused=True)
+    if weighted is None:
+        weighted = torch.zeros_like(ones)
+    qmax = float(q64.abs().max()) if q64.numel() else 0.0
+    kmax = float(k64.abs().max()) if k64.numel() else 0.0
+    return {"dq": scale * delta.unsqueeze(-1) * kmax, "dk": scale * qmax * weighted}

@@ -27,7 +27,16 @@ from torch import nn
 from hf_triton_attn import attention_reference, flash_attention, patch_model, patched, unpatch_model
 from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
 
-from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, check_against_oracle, make_qkv, spy_on
+from .helpers import (
+    BACKEND,
+    DEVICE,
+    ON_GPU,
+    assert_pass_rule,
+    check_against_oracle,
+    make_qkv,
+    spy_on,
+    stored_output_allowance,
+)
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -174,10 +183,14 @@ def test_fp16_scores_beyond_fp16_range_match_fp64(scale):
     ora_in = _leaves(q.double(), k.double(), v.double())
     ora = attention_reference(*ora_in, softmax_scale=scale)
     ora_grads = torch.autograd.grad(ora, ora_in, torch.ones_like(ora))
+    # One-hot rows have exact gradients of 0; what reading the stored (fp16) output leaves in dq / dk
+    # is bounded elementwise from the data (helpers.stored_output_allowance).
+    allowance = stored_output_allowance(q, k, dict(softmax_scale=scale), out, ora, torch.ones_like(out))
     for name, a, o in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ora, *ora_grads)):
         assert torch.isfinite(a).all(), name
         tol = 1e-2 * float(o.detach().abs().max()) + 1e-6  # fp16 rounding of the inputs' scale
-        assert float((a.detach().double() - o.detach()).abs().max()) <= tol, name
+        err = (a.detach().double() - o.detach()).abs() - allowance.get(name, 0.0)
+        assert float(err.max()) <= tol, name
 
 
 # ==============================================================================================

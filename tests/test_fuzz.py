@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hf_triton_attn import attention_reference, flash_attention
 from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
 
-from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule
+from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, stored_output_allowance
 
 SHARDS = int(os.environ.get("HF_TRITON_ATTN_FUZZ_SHARDS", "1"))
 EXAMPLES = -(-int(os.environ.get("HF_TRITON_ATTN_FUZZ_EXAMPLES", "100" if ON_GPU else "30")) // SHARDS)
@@ -120,7 +120,7 @@ def _check_case(p):
     assert_pass_rule("out", out, ref, ora, p["dtype"])
     ref_grads = torch.autograd.grad(ref, ref_in, dout, allow_unused=True)
     ora_grads = torch.autograd.grad(ora, ora_in, dout.double(), allow_unused=True)
-    allowance = _stored_output_allowance(q, k, kw, out, ora, dout)
+    allowance = stored_output_allowance(q, k, kw, out, ora, dout)
     for name, a, r, o, leaf in zip(("dq", "dk", "dv"), grads, ref_grads, ora_grads, (q, k, v)):
         zero = torch.zeros_like(leaf, dtype=torch.float64)
         a = a if a is not None else zero
@@ -129,32 +129,6 @@ def _check_case(p):
             diff = (a.double() - o).abs()
             a = o + torch.sign(a.double() - o) * (diff - allowance[name]).clamp(min=0)
         assert_pass_rule(name, a, r if r is not None else zero, o if o is not None else zero, p["dtype"])
-
-
-def _stored_output_allowance(q, k, kw, out, ora, dout) -> dict:
-    """Elementwise bounds of the dq / dk error caused by the backward reading the stored output.
-
-    The kernel's backward uses ``delta_i = dO_i . O_i`` with O as stored (rounded to the input dtype,
-    FlashAttention-2 does the same); the same-dtype PyTorch reference differentiates the softmax
-    instead. The difference ``Delta_i = dO_i . (O_stored_i - O_exact_i)`` enters
-    ``dS_ij = P_ij (dP_ij - delta_i)`` (times ``1 - tanh^2 <= 1`` with softcap, P without dropout), so
-    ``|error dq_i| <= scale |Delta_i| max|k|`` and ``|error dk_j| <= scale max|q| sum_i P_ij |Delta_i|``;
-    ``sum_i P_ij |Delta_i|`` is the value-gradient of the float64 oracle on a ones value for an output
-    gradient ``|Delta|``. Where the exact gradient cancels to 0 (each query sees one key, dropout
-    scaling the output off the dtype's grid) this term is all that is left (GPU fuzz, 2026-11-26).
-    """
-    scale = q.shape[-1] ** -0.5
-    delta = (dout.double() * (out.detach().double() - ora.detach())).sum(-1).abs()  # [..., Sq] or [T, H]
-    oracle_kw = {name: val for name, val in kw.items() if name != "dropout_p"}
-    q64, k64 = q.detach().double(), k.detach().double()
-    ones = torch.ones(k64.shape[:-1] + (1,), dtype=torch.float64, device=k.device, requires_grad=True)
-    o2 = attention_reference(q64, k64, ones, **oracle_kw)
-    (weighted,) = torch.autograd.grad(o2, ones, delta.unsqueeze(-1).to(o2.dtype), allow_unused=True)
-    if weighted is None:
-        weighted = torch.zeros_like(ones)
-    qmax = float(q64.abs().max()) if q64.numel() else 0.0
-    kmax = float(k64.abs().max()) if k64.numel() else 0.0
-    return {"dq": scale * delta.unsqueeze(-1) * kmax, "dk": scale * qmax * weighted}
 
 
 def _log_case(shard: int, p: dict, failure: str = "") -> None:

@@ -448,8 +448,8 @@ def _bwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_
     """Constexpr values (signature order) and launch options of the delta, dk/dv and dq kernels,
     computed once per feature combination."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
-    cfg = dict(config) if config else dkdv_config(block_d, block_dv, elem_size)
-    cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, elem_size)
+    cfg = dict(config) if config else dkdv_config(block_d, block_dv, elem_size, tma=use_tma)
+    cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, elem_size, tma=use_tma)
     common = dict(zip(FLAG_NAMES, flags), BLOCK_D=block_d, BLOCK_DV=block_dv, USE_TMA=use_tma,
                   DOT_PRECISION=dot_precision)
     delta = dict(IS_VARLEN=common["IS_VARLEN"], BLOCK_M=_DELTA_BLOCK, BLOCK_DV=block_dv)

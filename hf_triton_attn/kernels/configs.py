@@ -25,8 +25,8 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
     if tma and width <= 256:
-        # H200, Triton 3.6, bf16, B*S = 16384, H*D = 2048 (results/2026-11-26_h200_s2_sweep.log), TFLOP/s
-        # at S = 1024 / 4096: D=64 non-causal 128x128 w4 s3 376 / 438 (128x64 w4 s3: 359 / 404);
+        # H200, Triton 3.6, bf16, B*S = 16384, H*D = 2048, TFLOP/s at S = 1024 / 4096
+        # (results/2026-11-26_h200_session2_run2_fwd_sweep.log): D=64 non-causal 128x128 w4 s3 376 / 438 (128x64 w4 s3: 359 / 404);
         # D=64 causal 64x64 w4 s3 274 / 360 (128x64 w4 s3: 256 / 369); D=128 64x64 w4 s3 448 / 482
         # non-causal and 330 / 432 causal (128x64 w8 s3: 401 / 489 and 273 / 427).
         if width <= 128 and not diagonal:
@@ -41,14 +41,18 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
-def dkdv_config(block_d: int, block_dv: int, elem_size: int) -> dict:
+def dkdv_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False) -> dict:
     """BLOCK_M (query rows streamed), BLOCK_N (keys owned), num_warps, num_stages for dk/dv."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size
+    if tma and width <= 128:
+        # H200, Triton 3.6, bf16, S=4096, q/dO through TMA: whole backward 3.98 ms non-causal / 2.53 causal
+        # at D=64 (s2: 4.17 / 2.66; pointer loads 4.40 / 2.65; results/2026-11-26_h200_session2_run3_bwd_sweep.log)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     # H100, Triton 3.6, fp16, B*S=16384, S=4096 (benchmarks/results/2026-11-25_h100_sweep.json):
     # 64x64 w4 s2 was the fastest dk/dv config for D=64 and 128, causal or not (D=64 non-causal
-    # backward 4.46 ms vs 5.27 ms with 32x128).
+    # backward 4.46 ms vs 5.27 ms with 32x128); with TMA too at D=128 (H200: 3.38 ms vs 4.06 pointers).
     if width <= 256:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if width <= 512:
@@ -56,11 +60,15 @@ def dkdv_config(block_d: int, block_dv: int, elem_size: int) -> dict:
     return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
-def dq_config(block_d: int, block_dv: int, elem_size: int) -> dict:
+def dq_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False) -> dict:
     """BLOCK_M (query rows owned), BLOCK_N (keys streamed), num_warps, num_stages for dq."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size
+    if tma and width <= 128:
+        # H200 sweep with k/v through TMA (as dk/dv above): whole backward at D=64 3.98 ms non-causal,
+        # 2.51 causal (best there 64x64 w4 s3, 2.49); pointer loads' best 4.59 / 2.69.
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     # Same sweep: dq configs were within 2% of each other; these won or placed second.
     if width <= 128:
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
