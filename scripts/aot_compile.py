@@ -137,6 +137,8 @@ def build_cases() -> list[Case]:
         # seqlen_q was specialized to the constant 1 (GPU fuzz, 2026-11-26)
         dict(sq=1, sk=63, d=32, softcap=2.0, query_mask="bool"),
         dict(sq=17, sk=97, causal=True),                # Sq != Sk
+        dict(sq=64, sk=1024),                           # >= 1024 keys: the long-key TMA forward tile
+        dict(sq=64, sk=1024, d=128, dtype="bfloat16"),
         dict(segments=True, causal=True),               # HAS_SEGMENTS (HF packed position_ids)
     ]
     for kw in single:

@@ -18,9 +18,11 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, diagonal: bool = False) -> dict:
+def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, diagonal: bool = False,
+               long_keys: bool = True) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages for the forward kernel (``tma``: K/V read through
-    TMA descriptors; ``diagonal``: a causal or right-window mask, so tiles near it are partly masked)."""
+    TMA descriptors; ``diagonal``: a causal or right-window mask, so tiles near it are partly masked;
+    ``long_keys``: at least 1024 keys per sequence, enough key blocks to fill a deep pipeline)."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
@@ -28,9 +30,12 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         # H200, Triton 3.6, bf16, B*S = 16384, H*D = 2048, TFLOP/s at S = 1024 / 4096
         # (results/2026-11-26_h200_session2_run2_fwd_sweep.log): D=64 non-causal 128x128 w4 s3 376 / 438 (128x64 w4 s3: 359 / 404);
         # D=64 causal 64x64 w4 s3 274 / 360 (128x64 w4 s3: 256 / 369); D=128 64x64 w4 s3 448 / 482
-        # non-causal and 330 / 432 causal (128x64 w8 s3: 401 / 489 and 273 / 427).
+        # non-causal and 330 / 432 causal (128x64 w8 s3: 401 / 489 and 273 / 427). Below 1024 keys the
+        # 128-key tile loses: D=64, S=512 with key + query padding masks (fill 1.0), 128x64 w4 s3
+        # 0.245 ms, 128x128 outside the top three (> 0.252 ms; ..._session2_run4_fill_sweep.log).
         if width <= 128 and not diagonal:
-            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
+            block_n = 128 if long_keys else 64
+            return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=4, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:  # D <= 64 in 16-bit
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)

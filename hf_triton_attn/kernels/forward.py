@@ -264,13 +264,13 @@ _launch_fwd = CachedLauncher(_fwd_kernel, num_pointers=15)
 
 @functools.lru_cache(maxsize=256)
 def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
-              config: tuple | None, use_tma: bool, fused_scale: bool) -> tuple:
+              config: tuple | None, use_tma: bool, fused_scale: bool, long_keys: bool) -> tuple:
     """(constexpr values in signature order, BLOCK_M, BLOCK_N, num_warps, num_stages): computed once
     per feature combination, so a decode step pays a dict lookup instead of rebuilding them."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     values = dict(zip(FLAG_NAMES, flags))
     cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size, tma=use_tma,
-                                                 diagonal=values["HAS_RIGHT"])
+                                                 diagonal=values["HAS_RIGHT"], long_keys=long_keys)
     values.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, USE_TMA=use_tma,
                   FUSED_SCALE=fused_scale, DOT_PRECISION=dot_precision)
@@ -298,7 +298,7 @@ def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_
     constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
         tuple(sorted(config.items())) if config else None, tma,
-        softcap == 0.0 and alibi is None and sm_scale > 0.0)
+        softcap == 0.0 and alibi is None and sm_scale > 0.0, max_seqlen_k >= 1024)
     k_desc, v_desc = tma_descriptors(k, v, block_n) if tma else (None, None)
     args = (q, k, v, o, lse,
             ptr_or(key_mask, lse), ptr_or(query_mask, lse), ptr_or(segments, lse), ptr_or(seqused_k, lse),
