@@ -4,6 +4,9 @@
 #
 #   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
 #
+# TEST_PATHS (default tests) limits the GPU test stage; FUZZ_TIMEOUT (seconds, default none) stops the
+# fuzz at a deadline (the cases logged so far still count). Compiled kernels go to TRITON_CACHE_DIR
+# (default ./.triton_cache, git-ignored), so a second call on the same machine skips most compiling.
 # OUT (default ./gpu_out) receives gpu_tests.log, fuzz.log, host_overhead.json, bench.log,
 # kernels.json, models.json/log and the PNGs (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS /
 # FUZZ_ARGS / BENCH_ARGS / MODELS_ARGS / SWEEP_ARGS pass options on; TESTS=0 / FUZZ=0 / HOST=0 /
@@ -18,6 +21,13 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # a leftover interpreter switch would turn every GPU number into a CPU one
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
+
+reap() {  # xdist workers outlive a timed-out pytest and would skew every later timing
+    pkill -9 -f "pytest" 2>/dev/null
+    pkill -9 -f "execnet" 2>/dev/null
+    true
+}
 
 echo "== devices"
 nvidia-smi -L
@@ -45,11 +55,15 @@ tests_rc=0
 if [ "${TESTS:-1}" = "1" ]; then
     # shellcheck disable=SC2086
     # small tests in parallel (compilation is the cost), then the large gpu-marked ones alone
-    python -m pytest tests -m "not gpu" -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${TEST_ARGS:-} 2>&1 \
-        | tee "$OUT/gpu_tests.log"
-    tests_rc=${PIPESTATUS[0]}
-    python -m pytest tests -m gpu -q -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee -a "$OUT/gpu_tests.log"
-    rc2=${PIPESTATUS[0]}
+    python -m pytest ${TEST_PATHS:-tests} -m "not gpu" -q -rf -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+        ${TEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
+    tests_rc=$?
+    reap
+    tail -1 "$OUT/gpu_tests.log"; grep -E "^FAILED" "$OUT/gpu_tests.log" | cut -c1-300 | head
+    python -m pytest ${TEST_PATHS:-tests} -m gpu -q -rf -p no:cacheprovider ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
+    rc2=$?
+    reap
+    tail -1 "$OUT/gpu_tests.log"; grep -E "^FAILED" "$OUT/gpu_tests.log" | cut -c1-300 | head
     [ "$tests_rc" -eq 0 ] && tests_rc=$rc2
 fi
 if [ "$tests_rc" -eq 5 ]; then
@@ -62,9 +76,15 @@ if [ "${FUZZ:-0}" = "1" ]; then
     # shellcheck disable=SC2086
     HF_TRITON_ATTN_FUZZ_LOG="$OUT/fuzz_cases.txt" \
     HF_TRITON_ATTN_FUZZ_EXAMPLES="${FUZZ_CASES:-2000}" HF_TRITON_ATTN_FUZZ_SHARDS="${FUZZ_WORKERS:-16}" \
-        python -m pytest tests/test_fuzz.py -q -p no:cacheprovider -n "${FUZZ_WORKERS:-16}" --timeout 1200 \
-        --hypothesis-show-statistics ${FUZZ_ARGS:-} 2>&1 | tee "$OUT/fuzz.log"
-    fuzz_rc=${PIPESTATUS[0]}
+        timeout "${FUZZ_TIMEOUT:-0}" python -m pytest tests/test_fuzz.py -q -rf -p no:cacheprovider \
+        -n "${FUZZ_WORKERS:-16}" --timeout 1200 --hypothesis-show-statistics ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>&1
+    fuzz_rc=$?
+    reap
+    if [ "$fuzz_rc" -eq 124 ]; then
+        echo "fuzz stopped at the FUZZ_TIMEOUT deadline (${FUZZ_TIMEOUT}s); counting the cases it logged"
+        fuzz_rc=$([ "$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0)" -eq 0 ] && echo 0 || echo 1)
+    fi
+    tail -3 "$OUT/fuzz.log"
     echo "fuzz: $(grep -vc '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) cases passed," \
          "$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) failed (incl. hypothesis shrinking; fuzz_cases.txt)"
     [ "$tests_rc" -eq 0 ] && tests_rc=$fuzz_rc
