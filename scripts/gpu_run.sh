@@ -82,11 +82,13 @@ if [ "${FUZZ:-0}" = "1" ]; then
     reap
     if [ "$fuzz_rc" -eq 124 ]; then
         echo "fuzz stopped at the FUZZ_TIMEOUT deadline (${FUZZ_TIMEOUT}s); counting the cases it logged"
-        fuzz_rc=$([ "$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0)" -eq 0 ] && echo 0 || echo 1)
+        n_fail=$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null)
+        fuzz_rc=$([ "${n_fail:-0}" -eq 0 ] && echo 0 || echo 1)
     fi
     tail -3 "$OUT/fuzz.log"
-    echo "fuzz: $(grep -vc '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) cases passed," \
-         "$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null || echo 0) failed (incl. hypothesis shrinking; fuzz_cases.txt)"
+    n_pass=$(grep -vc '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null)
+    n_fail=$(grep -c '^FAIL' "$OUT/fuzz_cases.txt" 2>/dev/null)
+    echo "fuzz: ${n_pass:-0} cases passed, ${n_fail:-0} failed (incl. hypothesis shrinking; fuzz_cases.txt)"
     [ "$tests_rc" -eq 0 ] && tests_rc=$fuzz_rc
 fi
 
