@@ -74,6 +74,36 @@ def _cases():
     return {"padded 26% fill": padded, "varlen BERT layer": varlen, "identity Function": {"ours": identity}}
 
 
+def _thread_probe(cases) -> None:
+    """Is the worker-thread cost the engine's hand-off, or does our code run slower off the main
+    thread? The same loops (backward on the calling thread) on the main thread and on a fresh
+    Python thread, and forward-only (launch path, no autograd) loops likewise."""
+    import threading
+
+    from hf_triton_attn import flash_attention
+
+    varlen = cases["varlen BERT layer"]["ours"]
+    qp = torch.randn(4096, 12, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 1024, 2048, 3072, 4096], device="cuda", dtype=torch.int32)
+
+    def fwd_only():
+        with torch.no_grad():
+            flash_attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1024, max_seqlen_k=1024)
+
+    torch.autograd.set_multithreading_enabled(False)
+    try:
+        for name, fn in (("varlen fwd+bwd", varlen), ("varlen fwd only", fwd_only)):
+            res: list = []
+            res.append(_per_call_ms(fn)[0])
+            t = threading.Thread(target=lambda out=res, f=fn: out.append(_per_call_ms(f)[0]))
+            t.start()
+            t.join()
+            print(f"  thread probe, {name:16s}: host {res[0]:.3f} ms on the main thread, "
+                  f"{res[1]:.3f} ms on another Python thread")
+    finally:
+        torch.autograd.set_multithreading_enabled(True)
+
+
 def main() -> int:
     from hf_triton_attn.kernels import launch
 
@@ -100,6 +130,7 @@ def main() -> int:
     finally:
         launch.CachedLauncher.__call__ = real_call
         torch.autograd.set_multithreading_enabled(True)
+    _thread_probe(cases)
     torch.autograd.set_multithreading_enabled(False)
     prof = cProfile.Profile()
     prof.enable()
