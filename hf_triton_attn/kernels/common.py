@@ -164,6 +164,33 @@ def allowed_mask(
 
 
 @triton.jit
+def load_kv_tiles(
+    k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd,
+    k_len, head_dim, head_dim_v,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+):
+    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_DV] tiles of the keys ``offs_n`` by pointer loads.
+
+    MASKED blocks may run past ``k_len``: those keys load as 0. Other blocks lie inside the sequence
+    and mask only the padded head-dim columns (none when EVEN_D / EVEN_DV)."""
+    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+    if MASKED:
+        kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
+    else:
+        if EVEN_D:
+            kT = tl.load(k_ptrs)
+        else:
+            kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+        if EVEN_DV:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+    return kT, v
+
+
+@triton.jit
 def tanh(x):
     """fp32 tanh from exp2 only (portable across Triton versions and the interpreter).
 

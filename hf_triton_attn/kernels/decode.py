@@ -36,7 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import EXTENT_CHUNK, LN2, allowed_mask, clamp_to_extent, mask_extent, score_transform, seq_bounds
+from .common import (
+    EXTENT_CHUNK,
+    LN2,
+    allowed_mask,
+    clamp_to_extent,
+    load_kv_tiles,
+    mask_extent,
+    score_transform,
+    seq_bounds,
+)
 from .configs import INTERPRETED, block_dim
 from .launch import CachedLauncher, alibi_strides, mask_strides
 
@@ -96,20 +105,8 @@ def _decode_inner(
         if HAS_KEY_MASK:
             key_ok = tl.load(key_mask_base + offs_n * stride_kmn, mask=offs_n < k_len, other=0) != 0
         # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
-        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
-        if MASKED:
-            kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
-        else:
-            if EVEN_D:
-                kT = tl.load(k_ptrs)
-            else:
-                kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
-            if EVEN_DV:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        kT, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd,
+                              k_len, head_dim, head_dim_v, MASKED, EVEN_D, EVEN_DV)
         # [BLOCK_M, BLOCK_N] raw q.k, then base-2 scores (softcap, ALiBi with per-row slopes)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         s2, _ = score_transform(qk, offs_i, offs_n, q_len, k_len, sm_scale, softcap, slope,

@@ -20,6 +20,7 @@ from .common import (
     clamp_to_extent,
     dropout_keep,
     key_range_for_query_block,
+    load_kv_tiles,
     load_segments,
     mask_extent,
     score_transform,
@@ -74,22 +75,9 @@ def _fwd_inner(
             v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
             if MASKED:
                 v = tl.where(offs_n[:, None] < k_len, v, 0.0)
-        else:
-            # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
-            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
-            if MASKED:
-                kT = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < head_dim), other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
-            else:
-                if EVEN_D:
-                    kT = tl.load(k_ptrs)
-                else:
-                    kT = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
-                if EVEN_DV:
-                    v = tl.load(v_ptrs)
-                else:
-                    v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        else:  # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
+            kT, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, k_len, head_dim, head_dim_v, MASKED, EVEN_D, EVEN_DV)
         # [BLOCK_M, BLOCK_N] raw q.k
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         if FUSED_SCALE:
