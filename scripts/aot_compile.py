@@ -576,8 +576,17 @@ def _code_stats(kernel) -> str:
     md = kernel.metadata
     regs = getattr(kernel, "n_regs", None)
     spills = getattr(kernel, "n_spills", None)
+    import hashlib
+
+    # A hash of the PTX instructions alone: without the debug sections, line markers, comments and
+    # labels, which move when code moves between files or lines (two sources compile to the same
+    # instructions iff their hashes agree; used to check refactors of the kernels).
+    code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
+    body = "\n".join(ln for ln in code.splitlines()
+                     if not re.match(r"\s*(//|\.loc\b|\.file\b|\$L__\w+:)", ln))
     return (f"regs {regs} spills {spills} shared {md.shared} | "
-            + " ".join(f"{k} {v}" for k, v in counts.items()))
+            + " ".join(f"{k} {v}" for k, v in counts.items())
+            + f" | ptx {hashlib.sha1(body.encode()).hexdigest()[:12]}")
 
 
 def _expected_cost(job: Job) -> float:
