@@ -418,7 +418,7 @@ def _check_cases(device: str, backend: str, dtype_name: str) -> list[tuple[str, 
 
     def dropout():
         if backend == "reference":
-            raise _Skip("the kernels' Philox mask needs the kernels (interpreter off)")
+            raise _Skip("the kernels' dropout mask needs the kernels (interpreter off)")
         from hf_triton_attn import attention_reference, flash_attention
         from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
 

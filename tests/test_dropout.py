@@ -1,4 +1,4 @@
-"""In-kernel Philox dropout: exact against the reference given the exposed mask, reproducible."""
+"""In-kernel dropout (per-score hash): exact against the reference given the exposed mask, reproducible."""
 
 import pytest
 import torch

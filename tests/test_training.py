@@ -428,7 +428,7 @@ def test_gradient_checkpointing_matches_eager(name, reentrant, monkeypatch):
 
 
 def test_gradient_checkpointing_replays_the_kernel_dropout(monkeypatch):
-    """With attention dropout 0.1 the kernel draws its Philox seed from torch's generator, which
+    """With attention dropout 0.1 the kernel draws its dropout seed from torch's generator, which
     checkpointing saves and restores: the recomputed forward regenerates the same mask, so gradients
     with checkpointing equal those without it (same seed). A different seed moves them far outside
     that tolerance, so the comparison can fail."""

@@ -1,7 +1,7 @@
 """Backward flash-attention kernels: delta, dk/dv and dq, without atomics.
 
 P is recomputed from the saved LSE (base 2: ``p = exp2(s2 - lse2)``); the dropout mask is
-regenerated from the same Philox coordinates as the forward. With ``O = (P * Z) V`` and
+regenerated from the same hashed coordinates as the forward. With ``O = (P * Z) V`` and
 ``Z = keep / (1 - p_drop)``:
 
     dV = (P * Z)^T dO,   dP = (dO V^T) * Z,   dS = P * (dP - delta),   delta_i = dO_i . O_i,
