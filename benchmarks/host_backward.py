@@ -104,7 +104,51 @@ def _thread_probe(cases) -> None:
         torch.autograd.set_multithreading_enabled(True)
 
 
+def _thread_parts() -> None:
+    """Host time of each piece of our backward path on the main thread and on another Python thread
+    (``python -m benchmarks.host_backward --parts``): which piece is slower off the main thread."""
+    import threading
+
+    from triton.runtime.driver import driver
+
+    from hf_triton_attn import ops
+    from hf_triton_attn.kernels.backward import flash_bwd
+
+    dev, dt = "cuda", torch.bfloat16
+    b, h, s, d = 32, 12, 512, 64
+    q, k, v, out, dout = (torch.randn(b, h, s, d, device=dev, dtype=dt) for _ in range(5))
+    lse = torch.randn(b, h, s, device=dev)
+    delta = torch.empty_like(lse)
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    args = ops._launch_args(q, k, v, b, False, None, None, None, None, None, None, None, None, s, s, d ** -0.5,
+                            0.0, -1, 0, 0.0, False)
+    scalars = (None,) * 8 + (s, s, d ** -0.5, 0.0, -1, 0, 0.0, False)  # optionals, then the scalars
+    pieces = {
+        "4x empty_like": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                                  torch.empty_like(lse)),
+        "current_device + stream": lambda: driver.active.get_current_stream(torch.cuda.current_device()),
+        "flash_bwd (3 launches)": lambda: flash_bwd(dout, q, k, v, out, lse, delta, dq, dk, dv, **args),
+        "_backward_impl": lambda: ops._backward_impl(dout, q, k, v, out, lse, *scalars),
+    }
+
+    def run(fn, res):
+        res.append(_per_call_ms(fn, 500)[0] * 1e3)
+
+    for name, fn in pieces.items():
+        res: list = []
+        run(fn, res)
+        t = threading.Thread(target=run, args=(fn, res))
+        t.start()
+        t.join()
+        print(f"  part {name:26s}: {res[0]:7.1f} us main thread, {res[1]:7.1f} us other thread")
+
+
 def main() -> int:
+    import sys
+
+    if "--parts" in sys.argv:
+        _thread_parts()
+        return 0
     from hf_triton_attn.kernels import launch
 
     cases = _cases()
