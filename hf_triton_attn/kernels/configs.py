@@ -28,8 +28,8 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
     width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
     if tma and width <= 256:
         # H200, Triton 3.6, bf16, B*S = 16384, H*D = 2048, TFLOP/s at S = 1024 / 4096
-        # (results/2026-11-26_h200_session2_run2_fwd_sweep.log): D=64 non-causal 128x128 w4 s3 376 / 438 (128x64 w4 s3: 359 / 404);
-        # D=64 causal 64x64 w4 s3 274 / 360 (128x64 w4 s3: 256 / 369); D=128 64x64 w4 s3 448 / 482
+        # (results/2026-11-26_h200_session2_run2_fwd_sweep.log): D=64 non-causal 128x128 w4 s3
+        # 376 / 438 (128x64 w4 s3: 359 / 404); D=64 causal 64x64 w4 s3 274 / 360 (128x64 w4 s3: 256 / 369); D=128 64x64 w4 s3 448 / 482
         # non-causal and 330 / 432 causal (128x64 w8 s3: 401 / 489 and 273 / 427). Below 1024 keys the
         # 128-key tile loses: D=64, S=512 with key + query padding masks (fill 1.0), 128x64 w4 s3
         # 0.245 ms, 128x128 outside the top three (> 0.252 ms; ..._session2_run4_fill_sweep.log).

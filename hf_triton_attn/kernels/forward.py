@@ -97,14 +97,11 @@ def _fwd_inner(
             s2 = tl.where(key_ok[None, :], s2, float("-inf"))
         # Online softmax. A row with no visible key so far keeps m = -inf; m_safe = 0 then
         # makes p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 instead of NaN.
-        if FUSED_SCALE:
-            m_new = tl.maximum(m_i, tl.max(s2, axis=1) * scale2)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s2 * scale2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        else:
-            m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        # s2 * s2_scale is the base-2 score: raw dots times scale2 (FUSED_SCALE) or already scaled
+        s2_scale = scale2 if FUSED_SCALE else 1.0
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1) * s2_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 * s2_scale - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:

@@ -59,17 +59,16 @@ def _tma_usable(device: torch.device) -> bool:
         import os
 
         setting = os.environ.get("HF_TRITON_ATTN_TMA", "1")
-        usable = setting != "0"
         try:
             from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
         except ImportError:
-            usable = False
-        if setting == "force":
-            pass
+            setting = "0"
+        if setting in ("0", "force"):
+            usable = setting == "force"
         elif device.type == "cuda":
-            usable = usable and torch.cuda.get_device_capability(device)[0] >= 9
+            usable = torch.cuda.get_device_capability(device)[0] >= 9
         else:
-            usable = usable and os.environ.get("TRITON_INTERPRET", "0") == "1"
+            usable = os.environ.get("TRITON_INTERPRET", "0") == "1"
         _tma_by_device[key] = usable
     return usable
 
@@ -141,6 +140,11 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
                   torch.uint8: "u8", torch.bool: "u1"}
 
 
+def _is_descriptor(a) -> bool:
+    """A host TMA descriptor (Triton's ``TensorDescriptor`` or our ``_TmaBox``), told apart by its fields."""
+    return hasattr(a, "block_shape") and hasattr(a, "base")
+
+
 def _pointer_class(a):
     """Class of a pointer-like argument: a tensor's dtype and 16-byte alignment, a TMA descriptor's
     dtype and box shape (Triton types it ``tensordesc<dtype[box]>``), or None (a constexpr)."""
@@ -158,9 +162,7 @@ def _arg_class(a):
     Ints: the value 1 (a constexpr), else the integer type (i32 / i64 / u64) and divisibility by 16.
     Floats, bools and None: their type.
     """
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if hasattr(a, "block_shape") and hasattr(a, "base"):
+    if isinstance(a, torch.Tensor) or _is_descriptor(a):
         return _pointer_class(a)
     if isinstance(a, bool):
         return "u1"
@@ -214,8 +216,8 @@ class CachedLauncher:
     Computing those classes in Python costs about as much as Triton's native binder, so a second,
     cheaper key comes first: the raw scalar arguments plus each pointer's class (``_pointer_class``;
     pointers, TMA descriptors and absent optionals are the first ``num_pointers`` arguments). A
-    training loop or the layers of one decode step repeat it exactly; a new one (the cache grew by a token) computes the classes
-    once. The first call of each class goes through Triton (compiling if needed) and checks that
+    training loop or the layers of one decode step repeat it exactly; a new one (the cache grew by
+    a token) computes the classes once. The first call of each class goes through Triton (compiling if needed) and checks that
     Triton's specialization agrees with the predicted one; if it ever does not (another Triton
     version), this launcher keeps using ``kernel[grid](...)`` for good: slower, never wrong. The
     interpreter always takes the plain path.
@@ -283,9 +285,8 @@ class CachedLauncher:
         (and the pointers are exactly the first ``num_pointers`` arguments, as the raw key assumes)."""
         try:
             n = self.num_pointers
-            layout_ok = (all(a is None or isinstance(a, torch.Tensor) or hasattr(a, "block_shape")
-                             for a in args[:n])
-                         and not any(isinstance(a, torch.Tensor) or hasattr(a, "block_shape") for a in args[n:]))
+            layout_ok = (all(a is None or isinstance(a, torch.Tensor) or _is_descriptor(a) for a in args[:n])
+                         and not any(isinstance(a, torch.Tensor) or _is_descriptor(a) for a in args[n:]))
             binder = self.fn.device_caches[device][4]
             kwargs = dict(zip(self.constexpr_names, constexprs), num_warps=num_warps, num_stages=num_stages)
             _, specialization, _ = binder(*args, **kwargs)
