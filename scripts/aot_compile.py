@@ -547,6 +547,8 @@ def compile_job(job: Job) -> tuple[bool, str, float, str]:
             ok, err, log = True, "", ""
             if os.environ.get("AOT_STATS") == "1":
                 err = _code_stats(kernel)
+            if os.environ.get("AOT_DUMP"):
+                _dump_code(kernel, job, os.environ["AOT_DUMP"])
             if not kernel.asm.get("cubin"):
                 ok, err = False, "no cubin produced"
             elif kernel.metadata.shared > MAX_SHARED_BYTES:
@@ -589,6 +591,29 @@ def _code_stats(kernel) -> str:
             + f" | ptx {hashlib.sha1(body.encode()).hexdigest()[:12]}")
 
 
+def _dump_code(kernel, job: Job, out_dir: str) -> None:
+    """Write the TTGIR, PTX and SASS (``nvdisasm`` of the cubin) of one specialization (``--dump``),
+    named by kernel and a hash of its description, with the description on the first line."""
+    import hashlib
+    import subprocess
+
+    import triton
+
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{job.name}_{hashlib.sha1(job.describe().encode()).hexdigest()[:8]}")
+    header = f"// {job.name} [{job.describe()}] <- {job.cases[0]}\n"
+    for ext in ("ttgir", "ptx"):
+        with open(f"{stem}.{ext}", "w") as f:
+            f.write(header + kernel.asm.get(ext, ""))
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([nvdisasm, "-c", "-hex", cubin.name], capture_output=True, text=True).stdout
+    with open(f"{stem}.sass", "w") as f:
+        f.write(header + sass)
+
+
 def _expected_cost(job: Job) -> float:
     """Rough relative compile time: fp32 IEEE dots and big tiles are the slow ones."""
     names = list(job.signature)
@@ -616,7 +641,11 @@ def main() -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print full logs of failures and every compile time")
     ap.add_argument("--stats", action="store_true",
                     help="print registers, spills, shared memory and TMA / wgmma / layout-conversion counts per kernel")
+    ap.add_argument("--dump", default="", metavar="DIR",
+                    help="write each specialization's TTGIR, PTX and SASS (nvdisasm) to DIR")
     a = ap.parse_args()
+    if a.dump:
+        os.environ["AOT_DUMP"] = os.path.abspath(a.dump)  # read by the workers
     if a.stats:
         os.environ["AOT_STATS"] = "1"  # read by the workers (spawned after this)
 

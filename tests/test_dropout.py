@@ -1,4 +1,4 @@
-"""In-kernel dropout (per-score hash): exact against the reference given the exposed mask, reproducible."""
+"""In-kernel dropout (a hash per key pair): exact against the reference given the exposed mask, reproducible."""
 
 import pytest
 import torch
@@ -71,6 +71,47 @@ def test_keep_rate_statistics(p):
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
     # rows and heads must not share one pattern
     assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1]) and not torch.equal(mask[0, 0], mask[0, 1])
+
+
+def _correlation_z(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two equally shaped 0/1 tensors, in units of its null standard error 1/sqrt(n)."""
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()) * a.numel() ** 0.5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_has_no_correlations_between_neighbours(p):
+    """The keep-mask hashes a pair of keys (2c, 2c + 1) to 32 bits and gives each key one 16-bit half;
+    row and column keys are XOR-combined before the hash's tail. None of that may show as structure:
+    the two keys of a pair, neighbouring pairs, the next key but one, neighbouring rows and heads,
+    and the (i, j), (i, j'), (i', j), (i', j') quads that an XOR combination could tie together are
+    uncorrelated within 5 standard errors (n = 2**20 scores). A hash that gives both keys of a pair
+    the same half, or the identity instead of the tail, fails these."""
+    torch.manual_seed(1)
+    mask = dropout_keep_mask(draw_dropout_rng(DEVICE), 1, 2, 512, 1024, p).cpu()
+    k = mask[0]  # (heads, rows, keys)
+    checks = {
+        "pair halves": (k[..., 0::2], k[..., 1::2]),
+        "neighbouring pairs": (k[..., 1:-1:2], k[..., 2::2]),
+        "key j and j + 2": (k[..., :-2], k[..., 2:]),
+        "neighbouring rows": (k[:, :-1], k[:, 1:]),
+        "diagonal neighbours": (k[:, :-1, :-1], k[:, 1:, 1:]),
+        "heads": (k[0], k[1]),
+    }
+    for name, (a, b) in checks.items():
+        z = _correlation_z(a, b)
+        assert abs(z) < 5, f"{name}: correlation {z:.1f} standard errors from 0"
+    gen = torch.Generator().manual_seed(0)
+    n = 400_000
+    rows = torch.randint(0, 512, (n, 2), generator=gen)
+    cols = torch.randint(0, 1024, (n, 2), generator=gen)
+    distinct = (rows[:, 0] != rows[:, 1]) & (cols[:, 0] != cols[:, 1])  # else the product is a square
+    rows, cols = rows[distinct], cols[distinct]
+    c = k[0].double() - (1 - p)
+    quad = c[rows[:, 0], cols[:, 0]] * c[rows[:, 0], cols[:, 1]] * c[rows[:, 1], cols[:, 0]] * c[rows[:, 1], cols[:, 1]]
+    z = float(quad.mean() / (quad.std() / quad.numel() ** 0.5))
+    assert abs(z) < 5, f"quads: mean product {z:.1f} standard errors from 0"
 
 
 def test_dropout_replayed_by_gradient_checkpointing():

@@ -137,9 +137,11 @@ def _bwd_dkdv_inner(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            pd = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            # Z = keep / (1 - p) as one FSEL, then two multiplies (a tl.where on pd would be moved past
+            # its fp16 conversion, as in the forward)
+            z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+            pd = p * z
+            dp = dp * z
         else:
             pd = p
         dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PRECISION)

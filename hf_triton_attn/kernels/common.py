@@ -10,9 +10,9 @@ Conventions used by every kernel:
 - Packed sequences in the dense layout (``segment_ids``, Sq == Sk): token t belongs to the run
   ``[seg_start_t, seg_end_t)``; (i, j) is allowed only when j lies in i's run, which is the same
   as i lying in j's run, so query-side and key-side range bounds come from the same two arrays.
-- Dropout keeps element (b, h, i, j) when ``hash(seed, offset, b*H + h, i, j) >= p * 2**32``
-  (``dropout_keep``), so forward, backward and the test helper regenerate the same mask from global
-  coordinates.
+- Dropout keeps element (b, h, i, j) when a 16-bit slice of ``hash(seed, offset, b*H + h, i, j // 2)``
+  is ``>= round(p * 2**16)`` (``dropout_keep``), so forward, backward and the test helper regenerate
+  the same mask from global coordinates.
 """
 
 import triton
@@ -237,6 +237,14 @@ def _mix32(x):
     """A 32-bit integer hash with full avalanche (Wellons' hash-prospector 16/15/15 family, multipliers
     0x21f0aaad and 0x735a2d97, bias ~0.11): two multiplies and three xor-shifts on uint32."""
     x = x ^ (x >> 16)
+    return _mix32_tail(x)
+
+
+@triton.jit
+def _mix32_tail(x):
+    """``_mix32`` without its first xor-shift: two multiplies and two xor-shifts (7 integer instructions
+    with the xor that forms its input). Used on ``row_key ^ column_key``, whose two halves are already
+    mixed; the first xor-shift only spreads the high bits of an unmixed input downwards."""
     x = x * 0x21F0AAAD
     x = x ^ (x >> 15)
     x = x * 0x735A2D97
@@ -250,19 +258,25 @@ def dropout_keep(
 ):
     """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates.
 
-    Each element hashes its own coordinates: ``x = mix(row_key(seed, offset, b*H+h, i) ^ (j * c))``
-    with ``mix`` the 32-bit hash above, and is kept when ``x >= p * 2**32`` (keep rate 1 - p to ~1e-7).
-    Why a hash and not Philox: the dropout cost is integer work per score, next to a tensor-core
-    dot that at D = 64 gives each score only ~256 FLOPs. Philox-4x32-10 per score (~80 integer ops)
-    made the GPT-2 train step's attention 12.6 ms (vs 3.5 ms for SDPA); one call per four keys
-    needed a join/reshape of its outputs and gave 7.2 ms (H100, 2026-11-25); with eight 16-bit
-    slices per call, fwd+bwd at B16 H32 S1024 D64 still cost +96% over p = 0 (H200, 2026-11-26).
-    The hash is ~8 integer ops per score, computed in the score's own register (no data movement),
-    and the per-row part (the seed, offset, head and query index) is mixed once per row.
+    Keys come in pairs (2c, 2c + 1) (``start_n`` is even: block starts are multiples of the block).
+    Each (i, c) hashes its coordinates to 32 bits, ``x = tail(row_key(seed, offset, b*H+h, i) ^ c * K)``,
+    with the per-row key fully mixed once per row (``_mix32``) and ``tail`` two multiply / xor-shift
+    rounds (``_mix32_tail``); key 2c reads the low 16 bits of x, key 2c + 1 the high 16 bits, and is
+    kept when its 16 bits are ``>= T = round(p * 2**16)`` (keep rate 1 - T / 2**16: p to 2**-17).
+
+    Why: the keep-mask is integer work per score next to a tensor-core dot that at D = 64 gives each
+    score ~256 FLOPs, and Hopper issues integer instructions at half the FP32 rate. Philox-4x32-10
+    per score made the GPT-2 train step's attention 12.6 ms (SDPA 3.5 ms); one 32-bit hash per score
+    cost 12.4 integer instructions per score in the forward's main loop; a hash per key pair with this
+    shorter tail costs ~6 (counted in the sm_90 SASS, ``scripts/sass_loops.py``).
+    Pairing adjacent keys needs no data movement: the pair sits in one thread's registers in
+    Hopper's wgmma accumulator layout, and ``join`` + ``reshape`` compile to no layout conversion.
+    Statistics (tests/test_dropout.py): keep rate, and correlations between the two keys of a pair,
+    neighbouring pairs, rows, and the (i, j), (i, j'), (i', j), (i', j') quads that XOR-combined
+    row and column keys could correlate, all within sampling noise.
     The mask depends on (seed, offset, b*H+h, i, j) only: forward, backward and the test helper
-    (kernels/dropout.py) regenerate it for any block shape.
+    (kernels/dropout.py) regenerate it for any block shape with an even BLOCK_N.
     """
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     seed = seed.to(tl.int64)
     rng_offset = rng_offset.to(tl.int64)
     key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32))
@@ -271,10 +285,22 @@ def dropout_keep(
     key = _mix32(key ^ ((rng_offset >> 32) & 0xFFFFFFFF).to(tl.uint32))
     key = _mix32(key ^ bh.to(tl.uint32))
     row = _mix32(key ^ offs_m.to(tl.uint32))  # [BLOCK_M]
-    col = offs_n.to(tl.uint32) * 0x61C88647  # [BLOCK_N], an odd multiplier spreads consecutive keys
-    x = _mix32(row[:, None] ^ col[None, :])  # [BLOCK_M, BLOCK_N] uint32
-    threshold = tl.minimum(tl.zeros([], dtype=tl.float32) + dropout_p * 4294967296.0, 4294967040.0)
-    return x >= threshold.to(tl.uint32)
+    pairs = start_n // 2 + tl.arange(0, BLOCK_N // 2)
+    col = pairs.to(tl.uint32) * 0x61C88647  # [BLOCK_N // 2], an odd multiplier spreads consecutive pairs
+    x = _mix32_tail(row[:, None] ^ col[None, :])  # [BLOCK_M, BLOCK_N // 2] uint32
+    threshold = dropout_threshold16(dropout_p)
+    keep_even = (x & 0xFFFF) >= threshold  # key 2c
+    keep_odd = x >= (threshold << 16)  # key 2c + 1: high half >= T
+    # [BLOCK_M, BLOCK_N // 2, 2] -> [BLOCK_M, BLOCK_N]: key 2c + e at column 2c + e
+    return tl.join(keep_even, keep_odd).reshape([offs_m.shape[0], BLOCK_N])
+
+
+@triton.jit
+def dropout_threshold16(dropout_p):
+    """``round(p * 2**16)`` as uint32 (p < 1, so at most 2**16 - 1 after clamping): a 16-bit draw
+    ``u`` is kept when ``u >= T``."""
+    t = tl.minimum(tl.zeros([], dtype=tl.float32) + dropout_p * 65536.0 + 0.5, 65535.0)
+    return t.to(tl.uint32)
 
 
 @triton.jit
