@@ -10,7 +10,8 @@
 # OUT (default ./gpu_out) receives gpu_tests.log, fuzz.log, host_overhead.json, bench.log,
 # kernels.json, models.json/log and the PNGs (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS /
 # FUZZ_ARGS / BENCH_ARGS / MODELS_ARGS / SWEEP_ARGS pass options on; TESTS=0 / FUZZ=0 / HOST=0 /
-# BENCH=0 / MODELS=0 skip a stage (FUZZ defaults to 0; FUZZ_CASES sets the number of random cases,
+# BENCH=0 / MODELS=0 skip a stage; HOST_BACKWARD=1 adds benchmarks/host_backward.py --parts; BASE=DIR
+# benchmarks an older copy of the package first, on the same machine (FUZZ defaults to 0; FUZZ_CASES sets the number of random cases,
 # spread over FUZZ_WORKERS processes with distinct seeds). On a multi-GPU host,
 # HF_TRITON_ATTN_TEST_GPUS=N spreads the test workers over N GPUs.
 # Installs nothing. Exit status: the tests' when they failed, else the benchmark's.
@@ -97,7 +98,20 @@ if [ "${HOST:-1}" = "1" ]; then
     python -m benchmarks.host_overhead --out "$OUT" 2>&1 | head -40
 fi
 
+if [ "${HOST_BACKWARD:-0}" = "1" ]; then
+    echo "== host time of training calls, each piece on the main thread and on another thread"
+    python -m benchmarks.host_backward --parts 2>&1 | tail -60
+fi
+
+# BASE=DIR (a copy of an older hf_triton_attn package, e.g. `git archive REV hf_triton_attn | tar -x -C DIR`):
+# the kernel and model benchmarks run for it first, on the same machine (OUT/base, bench_base.log).
 bench_rc=0
+if [ -n "${BASE:-}" ] && [ "${BENCH:-1}" = "1" ]; then
+    echo "== kernel benchmark, BASE package $BASE"
+    # shellcheck disable=SC2086
+    HF_TRITON_ATTN_SOURCE="$BASE" python benchmarks/bench_kernels.py --out "$OUT/base" ${BENCH_ARGS:-} 2>&1 \
+        | tee "$OUT/bench_base.log" | grep -A30 "^== dropout"
+fi
 if [ "${BENCH:-1}" = "1" ]; then
     echo "== kernel benchmark"
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
@@ -106,6 +120,12 @@ if [ "${BENCH:-1}" = "1" ]; then
 fi
 
 models_rc=0
+if [ -n "${BASE:-}" ] && [ "${MODELS:-1}" = "1" ]; then
+    echo "== Hugging Face end-to-end benchmark, BASE package $BASE"
+    # shellcheck disable=SC2086
+    HF_TRITON_ATTN_SOURCE="$BASE" python benchmarks/bench_models.py --out "$OUT/base" ${MODELS_ARGS:-} 2>&1 \
+        | tee "$OUT/models_base.log"
+fi
 if [ "${MODELS:-1}" = "1" ]; then
     echo "== Hugging Face end-to-end benchmark (patched vs sdpa vs eager)"
     # shellcheck disable=SC2086
