@@ -99,6 +99,43 @@ def test_int64_offsets_large_tensor():
     assert (out2[:, -2:].float() - ref2).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_more_than_65535_heads_times_batch(layout):
+    """B*H = 65544 > 65535, the CUDA limit of grid y: the kernels put B*H on the 1-D grid's x axis.
+    A short-sentence encoder batch (5462 sequences x 12 heads, MiniLM-like) in fwd+bwd, plus the
+    dropout-mask helper, checked against the reference on the first and last sequences."""
+    from hf_triton_attn.kernels.dropout import dropout_mask
+    from hf_triton_attn.testing import draw_dropout_rng
+
+    b, h, s, d = 5462, 12, 20, 32  # S > 16: the forward kernel (not the split-KV decode one)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.float16) for _ in range(3))
+    dout = torch.randn_like(q)
+    if layout == "varlen":
+        cu = torch.arange(0, b * s + 1, s, device="cuda", dtype=torch.int32)
+        pack = lambda t: t.transpose(1, 2).reshape(b * s, h, d).clone().requires_grad_()
+        qp, kp, vp = pack(q), pack(k), pack(v)
+        out = flash_attention(qp, kp, vp, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s,
+                              max_seqlen_k=s, backend="triton")
+        grads = torch.autograd.grad(out, (qp, kp, vp), pack(dout).detach())
+        out, *grads = (t.view(b, s, h, d).transpose(1, 2) for t in (out, *grads))
+    else:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = flash_attention(q, k, v, causal=True, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    for sl in (slice(0, 2), slice(b - 2, b)):  # the first and the last programs of the grid
+        ref_in = [t.detach()[sl].clone().requires_grad_() for t in (q, k, v)]
+        ora_in = [t.detach()[sl].double().requires_grad_() for t in (q, k, v)]
+        ref, ora = attention_reference(*ref_in, causal=True), attention_reference(*ora_in, causal=True)
+        assert_pass_rule("out", out[sl], ref, ora, torch.float16)
+        for name, got, r, o in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_in, dout[sl]),
+                                   torch.autograd.grad(ora, ora_in, dout[sl].double())):
+            assert_pass_rule(name, got[sl], r, o, torch.float16)
+    mask = torch.full((b, h, s, s), 7, dtype=torch.int8, device="cuda")  # poisoned: 7 is neither 0 nor 1
+    dropout_mask(mask, draw_dropout_rng("cuda"), 0.5)
+    assert ((mask == 0) | (mask == 1)).all(), "programs past grid row 65535 never wrote their mask"
+
+
 def test_long_sequence_131072_forward_backward():
     """S = 131072, D = 128, B = 1, H = 16, causal, forward + backward (issue "Performance": memory).
 

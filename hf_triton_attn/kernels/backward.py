@@ -27,6 +27,7 @@ from .common import (
     load_segments,
     lse_extent,
     mask_extent,
+    program_tile,
     query_range_for_key_block,
     score_transform,
     seq_bounds,
@@ -42,6 +43,7 @@ from .launch import (
     ptr_or,
     rows_strides,
     segment_strides,
+    tile_grid,
     tma_can_read,
     tma_descriptors,
 )
@@ -57,8 +59,7 @@ def _bwd_delta_kernel(
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M, False)
     b = bh // num_heads
     h = bh % num_heads
     if IS_VARLEN:
@@ -175,9 +176,9 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
+    # causal-like masks give the first key blocks the most queries: plain order is longest first
+    start_n, bhk = program_tile(seqlen_k, BLOCK_N, False)
     num_kv_heads = num_heads // kv_group
-    bhk = tl.program_id(1)
     b = bhk // num_kv_heads
     h_kv = bhk % num_kv_heads
     q_start, q_len, k_start, k_len, k_rows = seq_bounds(
@@ -351,8 +352,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M, HAS_RIGHT)
     b = bh // num_heads
     h = bh % num_heads
     h_kv = h // kv_group
@@ -499,16 +499,16 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     q_st, k_st, v_st, do_st = (bhsd_strides(t, vl) for t in (q, k, v, do))
     lse_st = rows_strides(lse, vl)
     _launch_delta(
-        (-(-max_seqlen_q // _DELTA_BLOCK), num_seqs * num_heads, 1),
+        tile_grid(max_seqlen_q, _DELTA_BLOCK, num_seqs * num_heads),
         (o, do, delta, optional[3], *bhsd_strides(o, vl), *bhsd_strides(do, vl), *rows_strides(delta, vl),
          max_seqlen_q, num_heads,
          head_dim_v), delta_cx, 4, 1)
     _launch_dkdv(
-        (-(-max_seqlen_k // dkdv_block_n), num_seqs * num_kv_heads, 1),
+        tile_grid(max_seqlen_k, dkdv_block_n, num_seqs * num_kv_heads),
         (q, k, v, do, lse, delta, dk, dv, *optional, q_desc, do_desc, *q_st, *k_st, *v_st, *do_st,
          *bhsd_strides(dk, vl), *bhsd_strides(dv, vl), *lse_st, *km_strides, *ab_strides, *scalars),
         dkdv_cx, dkdv_warps, dkdv_stages)
     _launch_dq(
-        (-(-max_seqlen_q // dq_block_m), num_seqs * num_heads, 1),
+        tile_grid(max_seqlen_q, dq_block_m, num_seqs * num_heads),
         (q, k, v, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *do_st, *bhsd_strides(dq, vl),
          *lse_st, *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)

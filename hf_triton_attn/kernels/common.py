@@ -25,6 +25,26 @@ EXTENT_CHUNK = tl.constexpr(1024)
 
 
 @triton.jit
+def program_tile(seqlen, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """(first row, b*H + h) of this program's tile on the 1-D grid of ``cdiv(seqlen, BLOCK) * B*H``
+    programs (``tile_grid`` on the host).
+
+    One grid axis because CUDA caps grid y at 65535 and B*H passes that (MiniLM's 12 heads at a batch
+    of 5462 sequences). The tiles of one head are adjacent, so the programs that share its K/V run
+    together and read it from L2. ``LONGEST_FIRST`` (causal-like kernels, where a later query block
+    sees more keys) numbers a head's blocks from the last one, so the short blocks run last and fill
+    the tail of the grid instead of leaving one long block running alone.
+    """
+    num_blocks = tl.cdiv(seqlen, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // num_blocks
+    block = pid - bh * num_blocks
+    if LONGEST_FIRST:
+        block = num_blocks - 1 - block
+    return block * BLOCK, bh
+
+
+@triton.jit
 def seq_bounds(
     b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,

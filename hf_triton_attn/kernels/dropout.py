@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from .common import dropout_keep
+from .common import dropout_keep, program_tile
+from .launch import tile_grid
 
 
 @triton.jit
@@ -11,8 +12,8 @@ def _dropout_mask_kernel(
     MASK, RNG, stride_b, stride_h, stride_m, stride_n, seqlen_q, seqlen_k, num_heads, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads
     seed = tl.load(RNG)
@@ -29,5 +30,5 @@ def dropout_mask(mask, rng, dropout_p: float) -> None:
     """Fill ``mask`` (B, H, Sq, Sk) int8 with the keep-mask drawn from ``rng`` (int64 [seed, offset])."""
     batch, heads, sq, sk = mask.shape
     block = 32
-    _dropout_mask_kernel[(triton.cdiv(sq, block), batch * heads)](
+    _dropout_mask_kernel[tile_grid(sq, block, batch * heads)](
         mask, rng, *mask.stride(), sq, sk, heads, dropout_p, BLOCK_M=block, BLOCK_N=block)

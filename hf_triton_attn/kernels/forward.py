@@ -23,6 +23,7 @@ from .common import (
     load_kv_tiles,
     load_segments,
     mask_extent,
+    program_tile,
     score_transform,
     seq_bounds,
 )
@@ -37,6 +38,7 @@ from .launch import (
     ptr_or,
     rows_strides,
     segment_strides,
+    tile_grid,
     tma_can_read,
     tma_descriptors,
 )
@@ -135,8 +137,7 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M, HAS_RIGHT)
     b = bh // num_heads
     h = bh % num_heads
     h_kv = h // kv_group
@@ -297,5 +298,5 @@ def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_
             *mask_strides(key_mask), *mask_strides(query_mask), *segment_strides(segments), *alibi_strides(alibi),
             max_seqlen_q, max_seqlen_k, num_heads, num_heads // k.shape[1], head_dim, head_dim_v,
             sm_scale, softcap, window_left, window_right, dropout_p)
-    grid = ((max_seqlen_q + block_m - 1) // block_m, num_seqs * num_heads, 1)
+    grid = tile_grid(max_seqlen_q, block_m, num_seqs * num_heads)
     _launch_fwd(grid, args, constexprs, num_warps, num_stages)

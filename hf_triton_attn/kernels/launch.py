@@ -45,6 +45,12 @@ def alibi_strides(alibi: torch.Tensor | None) -> tuple[int, int]:
     return (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
 
 
+def tile_grid(seqlen: int, block: int, num_bh: int) -> tuple[int, int, int]:
+    """The 1-D launch grid that ``common.program_tile`` reads: ``cdiv(seqlen, block)`` tiles for each
+    of the ``num_bh`` (sequence, head) rows, on grid x (up to 2**31 - 1 programs; y and z stop at 65535)."""
+    return (-(-seqlen // block) * num_bh, 1, 1)
+
+
 _TMA_DTYPES = (torch.float16, torch.bfloat16)
 _tma_by_device: dict = {}
 
