@@ -59,7 +59,7 @@ def _bwd_delta_kernel(
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32."""
-    start_m, bh = program_tile(seqlen_q, BLOCK_M, False)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads
     if IS_VARLEN:
@@ -176,8 +176,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # causal-like masks give the first key blocks the most queries: plain order is longest first
-    start_n, bhk = program_tile(seqlen_k, BLOCK_N, False)
+    start_n, bhk = program_tile(seqlen_k, BLOCK_N)
     num_kv_heads = num_heads // kv_group
     b = bhk // num_kv_heads
     h_kv = bhk % num_kv_heads
@@ -352,7 +351,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    start_m, bh = program_tile(seqlen_q, BLOCK_M, HAS_RIGHT)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads
     h_kv = h // kv_group

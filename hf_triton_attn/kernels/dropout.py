@@ -12,7 +12,7 @@ def _dropout_mask_kernel(
     MASK, RNG, stride_b, stride_h, stride_m, stride_n, seqlen_q, seqlen_k, num_heads, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, bh = program_tile(seqlen_q, BLOCK_M, False)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads

@@ -137,7 +137,7 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m, bh = program_tile(seqlen_q, BLOCK_M, HAS_RIGHT)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads
     h_kv = h // kv_group
