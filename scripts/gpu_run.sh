@@ -25,8 +25,14 @@ unset TRITON_INTERPRET  # a leftover interpreter switch would turn every GPU num
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
 
 reap() {  # xdist workers outlive a timed-out pytest and would skew every later timing
-    pkill -9 -f "pytest" 2>/dev/null
-    pkill -9 -f "execnet" 2>/dev/null
+    # Never this script or its callers: a caller whose command line says "pytest" (a device call that
+    # ran a test before this script) was killed by a plain `pkill -f pytest`, leaving this script to
+    # run on in the background beside the next call's benchmark.
+    local keep=" " p=$$ pid
+    while [ -n "$p" ] && [ "$p" -gt 1 ]; do keep="$keep$p "; p=$(ps -o ppid= -p "$p" | tr -d ' '); done
+    for pid in $(pgrep -f "pytest|execnet"); do
+        case "$keep" in *" $pid "*) ;; *) kill -9 "$pid" 2>/dev/null ;; esac
+    done
     true
 }
 
