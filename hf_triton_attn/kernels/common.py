@@ -32,7 +32,7 @@ def program_tile(seqlen, BLOCK: tl.constexpr):
     One grid axis because CUDA caps grid y at 65535 and B*H passes that (MiniLM's 12 heads at a batch
     of 5462 sequences). The tiles of one head are adjacent, so the programs that share its K/V run
     together and read it from L2. Numbering a head's causal query blocks longest first instead
-    measured within noise (H200, 2026-11-26: fwd 0.97-1.02x, fwd+bwd 0.99-1.00x at S 1024/4096).
+    measured within noise (H200, 2026-11-26: fwd 0.96-1.02x, fwd+bwd 0.99-1.00x at S 1024/4096).
     """
     num_blocks = tl.cdiv(seqlen, BLOCK)
     pid = tl.program_id(0)
