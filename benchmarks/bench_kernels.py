@@ -31,9 +31,6 @@ import sys
 if "--cpu" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # the interpreter must be on before triton is imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# HF_TRITON_ATTN_SOURCE=DIR imports hf_triton_attn from DIR instead (scripts/gpu_run.sh BASE=DIR)
-if os.environ.get("HF_TRITON_ATTN_SOURCE"):
-    sys.path.insert(0, os.path.abspath(os.environ["HF_TRITON_ATTN_SOURCE"]))
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -22,7 +22,6 @@ Writes ``OUT/models.json`` and ``OUT/models.png`` and prints a table with ratios
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -33,9 +32,6 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# HF_TRITON_ATTN_SOURCE=DIR imports hf_triton_attn from DIR instead (scripts/gpu_run.sh BASE=DIR)
-if os.environ.get("HF_TRITON_ATTN_SOURCE"):
-    sys.path.insert(0, os.path.abspath(os.environ["HF_TRITON_ATTN_SOURCE"]))
 
 from benchmarks.common import collect_meta, fmt, free_memory, load_pyplot, meta_title, short_error, write_json  # noqa: E402
 

@@ -14,12 +14,21 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# HF_TRITON_ATTN_SOURCE=DIR: the benchmarks import hf_triton_attn from DIR (an older copy of the package,
+# timed beside the current one by scripts/gpu_run.sh BASE=DIR). Every benchmark script imports this
+# module before hf_triton_attn; the scripts put the repository root first on sys.path, so this comes
+# before it.
+PACKAGE_SOURCE = os.environ.get("HF_TRITON_ATTN_SOURCE") or None
+if PACKAGE_SOURCE:
+    sys.path.insert(0, os.path.abspath(PACKAGE_SOURCE))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -85,6 +94,7 @@ def collect_meta(device: str) -> dict[str, Any]:
         "commit": git_commit(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "package_source": PACKAGE_SOURCE,  # None: the package of this checkout
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -99,6 +109,8 @@ def meta_title(meta: dict[str, Any]) -> str:
     card = f"{meta['gpu']} ({meta['sm_count']} SMs)" if meta.get("gpu") else "CPU (Triton interpreter)"
     versions = f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers'] or '-'}"
     commit = str(meta["commit"])[:12]
+    if meta.get("package_source"):
+        commit += f" (package from {meta['package_source']})"
     return f"{card} | {versions} | commit {commit} | {meta['date_utc']}"
 
 

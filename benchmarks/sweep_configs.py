@@ -20,9 +20,6 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# HF_TRITON_ATTN_SOURCE=DIR imports hf_triton_attn from DIR instead (scripts/gpu_run.sh BASE=DIR)
-if os.environ.get("HF_TRITON_ATTN_SOURCE"):
-    sys.path.insert(0, os.path.abspath(os.environ["HF_TRITON_ATTN_SOURCE"]))
 from benchmarks.common import collect_meta  # noqa: E402
 from hf_triton_attn.kernels.backward import flash_bwd  # noqa: E402
 from hf_triton_attn.kernels.forward import flash_fwd  # noqa: E402

@@ -499,8 +499,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     lse_st = rows_strides(lse, vl)
     _launch_delta(
         tile_grid(max_seqlen_q, _DELTA_BLOCK, num_seqs * num_heads),
-        (o, do, delta, optional[3], *bhsd_strides(o, vl), *bhsd_strides(do, vl), *rows_strides(delta, vl),
-         max_seqlen_q, num_heads,
+        (o, do, delta, optional[3], *bhsd_strides(o, vl), *do_st, *rows_strides(delta, vl), max_seqlen_q, num_heads,
          head_dim_v), delta_cx, 4, 1)
     _launch_dkdv(
         tile_grid(max_seqlen_k, dkdv_block_n, num_seqs * num_kv_heads),
