@@ -163,25 +163,43 @@ def task_gpt2_train(impl: str, args, device: str, dtype: torch.dtype) -> dict[st
     return rec
 
 
-def task_gpt2_generate(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def task_gpt2_generate(impls: list[str], args, device: str, dtype: torch.dtype) -> dict[str, dict[str, Any]]:
+    """Greedy generate, every implementation timed in turn (A B C A B C ...): a generate call is
+    host-bound and the device hosts drift by 10-20% over a minute, so back-to-back blocks per impl
+    compared drift, not attention (samples 778-988 vs 868-992 ms in one such run, H100, 2026-11-26)."""
     batch, prompt, new = (2, 16, 8) if args.quick else (8, 512, 128)
-    model = build("gpt2", impl, args.quick, device, dtype).eval()
+    models = {impl: build("gpt2", impl, args.quick, device, dtype).eval() for impl in impls}
+    vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).to(device)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
     mask = torch.ones_like(ids)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    tokens: dict[str, torch.Tensor] = {}
 
-    out_tokens = {}
+    def gen_fn(impl: str) -> Callable[[], None]:
+        @torch.no_grad()
+        def gen() -> None:
+            tokens[impl] = models[impl].generate(input_ids=ids, attention_mask=mask, **kw)
+        return gen
 
-    @torch.no_grad()
-    def gen():
-        out_tokens["ids"] = model.generate(input_ids=ids, attention_mask=mask, **kw)
-
-    ms, samples = time_ms(gen, device, warmup=1, iters=args.gen_iters)
-    rec = dict(ms=ms, samples=samples, batch=batch, prompt=prompt, new_tokens=new,
-               new_tokens_per_s=batch * new / ms * 1e3, peak_gb=peak_memory(device, gen))
-    rec["tokens"] = out_tokens["ids"][:, prompt:].cpu()
-    return rec
+    fns = {impl: gen_fn(impl) for impl in impls}
+    for fn in fns.values():  # warm-up: compiles, allocator pools
+        fn()
+    sync(device)
+    samples: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(args.gen_iters):
+        for impl, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[impl].append((time.perf_counter() - start) * 1e3)
+    recs = {}
+    for impl in impls:
+        ms = statistics.median(samples[impl])
+        recs[impl] = dict(ms=ms, min_ms=min(samples[impl]), samples=samples[impl], batch=batch, prompt=prompt,
+                          new_tokens=new, new_tokens_per_s=batch * new / ms * 1e3,
+                          peak_gb=peak_memory(device, fns[impl]), tokens=tokens[impl][:, prompt:].cpu())
+    return recs
 
 
 def _bert_inputs(args, device):
@@ -358,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--gen-iters", type=int, default=3)
+    ap.add_argument("--gen-iters", type=int, default=5, help="generate calls per impl, interleaved")
     ap.add_argument("--profile-generate", action="store_true", help="only print decode profiles and exit")
     ap.add_argument("--profile-bert", action="store_true", help="only print BERT fine-tune/inference profiles and exit")
     args = ap.parse_args(argv)
@@ -383,16 +401,25 @@ def main(argv: list[str] | None = None) -> int:
         records.append(dict(task="parity", **row))
 
     for task in args.tasks:
+        paired: dict[str, dict[str, Any]] = {}
+        if task == "gpt2_generate":
+            try:
+                paired = task_gpt2_generate(args.impls, args, device, dtype)
+            except Exception as exc:  # record and go on: one failure must not lose the run
+                paired = {impl: dict(ms=None, error=short_error(exc)) for impl in args.impls}
+                print(f"{task}: FAILED {short_error(exc)}", flush=True)
         for impl in args.impls:
             try:
-                rec = TASKS[task](impl, args, device, dtype)
+                rec = paired[impl] if paired else TASKS[task](impl, args, device, dtype)
             except Exception as exc:  # record and go on: one failure must not lose the run
                 rec = dict(ms=None, error=short_error(exc))
                 print(f"{task} {impl}: FAILED {rec['error']}", flush=True)
             rec.update(task=task, impl=impl)
             records.append(rec)
             free_memory()
-            print(f"{task:14s} {impl:15s} {fmt(rec.get('ms'), '.2f'):>9s} ms  peak {fmt(rec.get('peak_gb'), '.2f')} GB"
+            print(f"{task:14s} {impl:15s} {fmt(rec.get('ms'), '.2f'):>9s} ms"
+                  + (f" (min {rec['min_ms']:.2f})" if rec.get("min_ms") else "")
+                  + f"  peak {fmt(rec.get('peak_gb'), '.2f')} GB"
                   + (f"  attention share {rec['profile']['share']:.1%} ({rec['profile']['attention_ms']:.2f} ms)"
                      if rec.get("profile") else ""), flush=True)
         gen = {r["impl"]: r.get("tokens") for r in records if r.get("task") == task == "gpt2_generate"}

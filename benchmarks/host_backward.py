@@ -125,7 +125,7 @@ def _thread_parts() -> None:
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     args = ops._launch_args(q, k, v, b, False, None, None, None, None, None, None, None, None, s, s, d ** -0.5,
                             0.0, -1, 0, 0.0, False)
-    scalars = (None,) * 8 + (s, s, d ** -0.5, 0.0, -1, 0, 0.0, False)  # optionals, then the scalars
+    scalars = (None,) * 8 + (s, s, d ** -0.5, 0.0, -1, 0, 0.0, False, False)  # optionals, then the scalars
     pieces = {
         "4x empty_like": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                                   torch.empty_like(lse)),

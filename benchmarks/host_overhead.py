@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               segment_ids=None, seqused_k=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
               max_seqlen_k=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, backend=None)
     rows["_validate only"] = per_call_us(lambda: ops._validate(q, k, v, **kw), args.calls)
-    fargs = (q, k, v, None, None, None, None, None, None, None, None, 1, sk, d ** -0.5, 0.0, -1, -1, 0.0, False)
+    fargs = (q, k, v, None, None, None, None, None, None, None, None, 1, sk, d ** -0.5, 0.0, -1, -1, 0.0, False, False)
     rows["_forward_impl (no autograd)"] = per_call_us(lambda: ops._forward_impl(*fargs), args.calls)
     rows["_FlashAttnFunction.apply"] = per_call_us(lambda: ops._FlashAttnFunction.apply(*fargs), args.calls)
 

@@ -277,7 +277,7 @@ def _forward_impl(*args):
 
 def _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
                     max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
-                    dropout_p, interpret):
+                    dropout_p, deterministic, interpret):
     _check_backend_usable(interpret, q.device)
     is_varlen = cu_seqlens_q is not None
     num_seqs = _num_seqs(q, cu_seqlens_q)
@@ -313,7 +313,7 @@ def _backward_impl(*args):
 
 def _backward_launch(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                      cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
-                     window_left, window_right, dropout_p, interpret):
+                     window_left, window_right, dropout_p, deterministic, interpret):
     is_varlen = cu_seqlens_q is not None
     num_seqs = _num_seqs(q, cu_seqlens_q)
     dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)
@@ -326,7 +326,8 @@ def _backward_launch(dout, q, k, v, out, lse, key_mask, query_mask, segments, se
         dout, q, k, v, out, lse, delta, dq, dk, dv,
         **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                        cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
-                       window_left, window_right, dropout_p, interpret))
+                       window_left, window_right, dropout_p, interpret),
+        deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv
 
 
@@ -345,7 +346,7 @@ class _FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
-        return (dq, dk, dv) + (None,) * 16
+        return (dq, dk, dv) + (None,) * 17
 
 
 # torch.library custom op: what torch.compile sees (opaque to the tracer, with a fake impl).
@@ -356,16 +357,16 @@ def _flash_attn_fwd_op(
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     alibi: torch.Tensor | None, rng: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     sm_scale: float, softcap: float, window_left: int, window_right: int, dropout_p: float,
-    interpret: bool,
+    deterministic: bool, interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
                          rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap, window_left, window_right,
-                         dropout_p, interpret)
+                         dropout_p, deterministic, interpret)
 
 
 @_flash_attn_fwd_op.register_fake
 def _(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q,
-      max_seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, interpret):
+      max_seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, deterministic, interpret):
     is_varlen = cu_seqlens_q is not None
     return _empty_out(q, v.shape[-1], is_varlen), _empty_lse(q, is_varlen)
 
@@ -377,11 +378,11 @@ def _flash_attn_bwd_op(
     segments: torch.Tensor | None, seqused_k: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, alibi: torch.Tensor | None, rng: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, sm_scale: float, softcap: float, window_left: int,
-    window_right: int, dropout_p: float, interpret: bool,
+    window_right: int, dropout_p: float, deterministic: bool, interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dout, q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                           cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
-                          window_left, window_right, dropout_p, interpret)
+                          window_left, window_right, dropout_p, deterministic, interpret)
 
 
 @_flash_attn_bwd_op.register_fake
@@ -401,7 +402,7 @@ def _op_setup_context(ctx, inputs, output):
 def _op_backward(ctx, dout, _dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 16
+    return (dq, dk, dv) + (None,) * 17
 
 
 _flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -511,8 +512,11 @@ def flash_attention(
             row; each run of equal consecutive ids is one sequence and tokens see only their own
             run (combined with ``causal``, windows and masks). HF's packed ``position_ids``
             without ``cu_seq_lens`` arrive this way; no host sync.
-        deterministic: accepted for FlashAttention compatibility; the backward never uses atomics,
-            so it is always bitwise reproducible.
+        deterministic: True makes the backward bitwise reproducible (as does
+            ``torch.use_deterministic_algorithms(True)``). Otherwise, at head dims <= 64 with
+            ``causal``/right windows or dropout on Hopper, dq is summed over key blocks with fp32
+            atomic adds (faster; the order of the additions varies run to run). dk and dv never use
+            atomics.
         return_lse: also return the natural-log LSE, ``(B, Hq, Sq)`` or ``(Hq, total_q)``, -inf
             for rows with no visible key, without gradient.
         backend: None (auto: ``"triton"`` on CUDA, ``"reference"`` on CPU with a one-time warning;
@@ -558,7 +562,7 @@ def flash_attention(
         max_sq, max_sk = q.shape[2], k.shape[2]
     segments = segment_bounds(segment_ids) if segment_ids is not None else None
     args = (q, k, v, key_mask, qmask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_sq, max_sk,
-            sm_scale, float(softcap), left, right, float(dropout_p), chosen == "interpret")
+            sm_scale, float(softcap), left, right, float(dropout_p), bool(deterministic), chosen == "interpret")
     # Eager calls bypass the custom op's dispatcher: host time per call with the launch stubbed,
     # measured on this project's 2-core CPU machine (2026-11-25): autograd.Function.apply 17.2 us,
     # the torch.library op 30.7 us. torch.compile traces the op (fake impl, no graph break).

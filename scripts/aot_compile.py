@@ -83,6 +83,7 @@ class Case:
     segments: bool = False  # packed sequences in the dense layout (segment_ids, Sq == Sk)
     bshd: bool = False  # q, k, v as transposed (B, S, H, D) memory
     backward: bool = True
+    deterministic: bool = False  # True: dq's own kernel where the default sums dq in the dk/dv kernel
 
     def label(self) -> str:
         defaults = Case()
@@ -140,6 +141,10 @@ def build_cases() -> list[Case]:
         dict(sq=64, sk=1024),                           # >= 1024 keys: the long-key TMA forward tile
         dict(sq=64, sk=1024, d=128, dtype="bfloat16"),
         dict(segments=True, causal=True),               # HAS_SEGMENTS (HF packed position_ids)
+        # the dq kernel where the default backward sums dq in the dk/dv kernel (configs.fuse_dq)
+        dict(causal=True, deterministic=True), dict(dropout=0.1, deterministic=True),
+        dict(causal=True, dtype="bfloat16", deterministic=True),
+        dict(causal=True, d=34),                        # D = 34: fp32 dq rows not TMA-describable, split
     ]
     for kw in single:
         cases.append(Case(**kw))
@@ -187,7 +192,7 @@ def run_case(case: Case) -> None:
     dv = case.dv if case.dv is not None else case.d
     b, hq, hkv, sq, sk = case.batch, case.hq, case.hkv, case.sq, case.sk
     kw: dict = dict(causal=case.causal, window_size=case.window, softcap=case.softcap,
-                    dropout_p=case.dropout, backend="triton")
+                    dropout_p=case.dropout, deterministic=case.deterministic, backend="triton")
     if case.varlen:  # b sequences of unequal lengths, about sq (sk) tokens each
         lens_q = [sq - 3 + 5 * (i % 2) for i in range(b)]
         lens_k = [sk + 4 - 7 * (i % 2) for i in range(b)]

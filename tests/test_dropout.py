@@ -17,9 +17,12 @@ def _run_with_mask(q, k, v, p, seed, **kw):
     return out, rng
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(causal=True, window_size=(9, 0))],
                          ids=["dense", "causal", "window"])
-def test_dropout_matches_reference_with_kernel_mask(kw):
+def test_dropout_matches_reference_with_kernel_mask(kw, deterministic):
+    """Both backwards (dq summed by the dk/dv kernel, or dq's own kernel) regenerate the forward's mask."""
+    kw = dict(kw, deterministic=deterministic)
     q, k, v = make_qkv(2, 4, 2, 45, 50, 32, 32, torch.float32)
     p = 0.3
     out, rng = _run_with_mask(q, k, v, p, 1234, **kw)
@@ -28,8 +31,9 @@ def test_dropout_matches_reference_with_kernel_mask(kw):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ora_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = attention_reference(*ref_in, dropout_p=p, dropout_mask=mask, **kw)
-    ora = attention_reference(*ora_in, dropout_p=p, dropout_mask=mask, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k != "deterministic"}
+    ref = attention_reference(*ref_in, dropout_p=p, dropout_mask=mask, **ref_kw)
+    ora = attention_reference(*ora_in, dropout_p=p, dropout_mask=mask, **ref_kw)
     assert_pass_rule("out", out, ref, ora, torch.float32)
     for name, a, r, o in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_in, dout),
                              torch.autograd.grad(ora, ora_in, dout.double())):

@@ -470,7 +470,7 @@ def test_stride_zero_inputs_expanded_over_heads_and_batch():
 # ==============================================================================================
 
 def test_deterministic_backward_with_dropout_mask_and_gqa_is_bitwise():
-    """deterministic=True (and the default: the backward has no atomics): two runs under the same seed
+    """deterministic=True (dq then has its own kernel, no atomics): two runs under the same seed
     give bitwise-identical outputs and gradients, with dropout, padding and GQA together."""
     q, k, v = make_qkv(1, 2, 1, 33, 40, 16, 16, torch.float32)
     mask = torch.rand(1, 40, generator=torch.Generator().manual_seed(4)).gt(0.3).to(DEVICE)

@@ -244,6 +244,90 @@ def test_deterministic_backward_is_bitwise():
         assert torch.equal(a, b)
 
 
+# dq: its own kernel, or summed over key blocks by the dk/dv kernel (configs.fuse_dq)
+
+class _LaunchCounter:
+    """Stands in for a ``CachedLauncher``: records each launch's grid, then launches."""
+
+    def __init__(self, real) -> None:
+        self.real, self.grids = real, []
+
+    def __call__(self, grid, *args):
+        self.grids.append(grid)
+        return self.real(grid, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _count_dq_launches(monkeypatch) -> list:
+    from hf_triton_attn.kernels import backward
+
+    counter = _LaunchCounter(backward._launch_dq)
+    monkeypatch.setattr(backward, "_launch_dq", counter)
+    return counter.grids
+
+
+FUSED_DQ_CASES = {
+    "causal": dict(causal=True),
+    "window-gqa-bshd": dict(window_size=(20, 0), hkv=2, layout="bshd"),
+    "causal-masks-softcap-alibi": dict(causal=True, softcap=8.0, alibi=True, key_mask=True, query_mask=True),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("case", list(FUSED_DQ_CASES), ids=list(FUSED_DQ_CASES))
+def test_fused_dq_runs_where_chosen_and_matches_the_oracle(monkeypatch, case, deterministic):
+    """Causal / right-window backward: by default dq is summed by the dk/dv kernel (no dq launch);
+    deterministic=True launches the dq kernel. Both meet the pass rule with several query blocks
+    per key block (Sq = 70) and several key blocks per query block (Sk = 90)."""
+    kw = dict(FUSED_DQ_CASES[case])
+    hkv, layout = kw.pop("hkv", 4), kw.pop("layout", "bhsd")
+    q, k, v = make_qkv(2, 4, hkv, 70, 90, 32, 32, torch.float32, layout=layout)
+    g = torch.Generator().manual_seed(3)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(2, 4, generator=g).to(DEVICE)
+    if kw.pop("key_mask", False):
+        kw["attention_mask"] = (torch.rand(2, 90, generator=g) > 0.3).to(DEVICE)
+    if kw.pop("query_mask", False):
+        kw["query_mask"] = (torch.rand(2, 70, generator=g) > 0.3).to(DEVICE)
+    launches = _count_dq_launches(monkeypatch)
+    check_against_oracle(q, k, v, deterministic=deterministic, **kw)
+    assert len(launches) == (1 if deterministic else 0)
+
+
+def test_fused_dq_off_without_diagonal_or_dropout_and_under_deterministic_algorithms(monkeypatch):
+    """A plain non-causal backward keeps the dq kernel (fusing measured slower there), and so does a
+    causal one under torch.use_deterministic_algorithms(True)."""
+    launches = _count_dq_launches(monkeypatch)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 16, 16, torch.float32)
+    flash_attention(q, k, v, backend=BACKEND).sum().backward()
+    assert len(launches) == 1
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        flash_attention(q, k, v, causal=True, backend=BACKEND).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(launches) == 2
+
+
+def test_dq_mode_environment_override(monkeypatch):
+    """HF_TRITON_ATTN_DQ forces either backward (for benchmarks); a bad value names the variable."""
+    launches = _count_dq_launches(monkeypatch)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 16, 16, torch.float32)
+    monkeypatch.setenv("HF_TRITON_ATTN_DQ", "split")
+    flash_attention(q, k, v, causal=True, backend=BACKEND).sum().backward()
+    assert len(launches) == 1
+    monkeypatch.setenv("HF_TRITON_ATTN_DQ", "fused")
+    check_against_oracle(q, k, v)  # non-causal, fused on request
+    assert len(launches) == 1
+    monkeypatch.setenv("HF_TRITON_ATTN_DQ", "atomics")
+    out = flash_attention(q, k, v, backend=BACKEND)
+    with pytest.raises(ValueError, match="HF_TRITON_ATTN_DQ.*'atomics'"):
+        out.sum().backward()
+
+
 @pytest.mark.slow
 def test_long_sequence_forward():
     """S = 1025 crosses many key blocks (interpreted: a few seconds)."""

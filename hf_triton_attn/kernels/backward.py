@@ -1,4 +1,4 @@
-"""Backward flash-attention kernels: delta, dk/dv and dq, without atomics.
+"""Backward flash-attention kernels: delta, dk/dv and dq.
 
 P is recomputed from the saved LSE (base 2: ``p = exp2(s2 - lse2)``); the dropout mask is
 regenerated from the same hashed coordinates as the forward. With ``O = (P * Z) V`` and
@@ -8,12 +8,16 @@ regenerated from the same hashed coordinates as the forward. With ``O = (P * Z) 
 
 and dS is chained through softcap (``1 - tanh^2``) and the softmax scale into dQ = dS K and
 dK = dS^T Q. One program owns one key block of one KV head and loops over the query heads of its
-GQA group, so dk/dv are reduced over the group in registers: no atomics, no extra memory, and
-every launch is bitwise deterministic. dq is a separate kernel over query blocks.
+GQA group, so dk/dv are reduced over the group in registers, without atomics. dq is either a
+separate kernel over query blocks (bitwise deterministic), or, where ``configs.fuse_dq`` measured it
+faster (D <= 64 with causal or dropout), summed by the dk/dv programs into an fp32 buffer with one
+TMA reduce-add per tile (``FUSE_DQ``): P, dP and the dropout mask are then computed once, not twice.
 """
 
 import functools
+import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -32,7 +36,7 @@ from .common import (
     score_transform,
     seq_bounds,
 )
-from .configs import block_dim, dkdv_config, dq_config
+from .configs import INTERPRETED, block_dim, dkdv_config, dq_config, fuse_dq
 from .launch import (
     FLAG_NAMES,
     CachedLauncher,
@@ -45,6 +49,7 @@ from .launch import (
     segment_strides,
     tile_grid,
     tma_can_read,
+    tma_descriptor,
     tma_descriptors,
 )
 
@@ -93,8 +98,8 @@ def _load_lse2(lse_ptrs, mask):
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, key_ok,
-    q_base, do_base, lse_base, delta_base, q_desc, do_desc, b, h,
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+    q_base, do_base, lse_base, delta_base, q_desc, do_desc, dq_base, dq_desc, b, h,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
     start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v,
     q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
@@ -104,6 +109,7 @@ def _bwd_dkdv_inner(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):  # clamped to the live query rows by the caller
@@ -150,6 +156,14 @@ def _bwd_dkdv_inner(
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if FUSE_DQ != 0:
+            # this key block's share of dQ / scale = dS K  [BLOCK_M, BLOCK_D], added in fp32 in memory
+            dq_part = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            if FUSE_DQ == 2:  # one TMA reduce of the whole tile; rows past Sq are clipped by the descriptor
+                dq_desc.atomic_add([b, h, start_m, 0], dq_part.reshape([1, 1, BLOCK_M, BLOCK_D]))
+            else:
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq_part,
+                              mask=row_ok[:, None] & (offs_d[None, :] < head_dim), sem="relaxed")
     return dk, dv
 
 
@@ -158,14 +172,15 @@ def _bwd_dkdv_inner(
 # fuzz, 2026-11-26; reproduced on CPU by scripts/aot_compile.py, whose matrix now has that case).
 @triton.jit(do_not_specialize=["seqlen_q"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, Q_DESC, DO_DESC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, Q_DESC, DO_DESC, DQ_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_lb, stride_lh, stride_lm,
     stride_kmb, stride_kmn, stride_segb, stride_segk, stride_ab, stride_ah,
     seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
@@ -174,7 +189,7 @@ def _bwd_dkdv_kernel(
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     start_n, bhk = program_tile(seqlen_k, BLOCK_N)
     num_kv_heads = num_heads // kv_group
@@ -236,34 +251,35 @@ def _bwd_dkdv_kernel(
             do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
             lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
             delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+            dq_base = DQ_ACC + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm
             h_lo, h_mid_lo, h_mid_hi, h_hi = lo, mid_lo, mid_hi, hi
             if HAS_QUERY_MASK:  # padded query rows: visit only blocks between the first and last live row
                 q_first, q_end = lse_extent(lse_base, stride_lm, q_len, EXTENT_CHUNK)
                 h_lo, h_mid_lo, h_mid_hi, h_hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, q_first, q_end, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, b, h,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, dq_base, DQ_DESC, b, h,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_lo, h_mid_lo,
                 True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_KEY_MASK,
-                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION, FUSE_DQ)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, b, h,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, dq_base, DQ_DESC, b, h,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_lo, h_mid_hi,
                 False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_KEY_MASK,
-                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION, FUSE_DQ)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, b, h,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, dq_base, DQ_DESC, b, h,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_hi, h_hi,
                 True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_KEY_MASK,
-                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+                HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION, FUSE_DQ)
 
     dk = dk * sm_scale
     store_ok = offs_n < k_rows
@@ -438,14 +454,38 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=4)
-_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=17)
+_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=19)
 _launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=16)
 _DELTA_BLOCK = 64
 
 
+_DQ_SPLIT, _DQ_ATOMIC, _DQ_TMA_REDUCE = 0, 1, 2  # FUSE_DQ values
+
+
+def _dq_mode(requested: str | None, deterministic: bool, tma: bool, head_dim: int, head_dim_v: int,
+             elem_size: int, diagonal: bool, dropout: bool) -> int:
+    """FUSE_DQ of the dk/dv kernel: _DQ_SPLIT (the dq kernel runs), _DQ_ATOMIC or _DQ_TMA_REDUCE."""
+    if deterministic:
+        return _DQ_SPLIT
+    if requested is None:
+        requested = os.environ.get("HF_TRITON_ATTN_DQ") or None
+    # the fp32 buffer's rows are head_dim * 4 bytes: a TMA descriptor needs a multiple of 16
+    tma_reduce = tma and head_dim % 4 == 0 and not INTERPRETED
+    if requested is None:
+        fused = fuse_dq(block_dim(head_dim), block_dim(head_dim_v), elem_size, tma_reduce or INTERPRETED,
+                        diagonal, dropout)
+    elif requested in ("split", "fused"):
+        fused = requested == "fused"
+    else:
+        raise ValueError(f"dq_mode (or HF_TRITON_ATTN_DQ) must be 'split' or 'fused'; got {requested!r}")
+    if not fused:
+        return _DQ_SPLIT
+    return _DQ_TMA_REDUCE if tma_reduce else _DQ_ATOMIC
+
+
 @functools.lru_cache(maxsize=256)
 def _bwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
-              config: tuple | None, config_dq: tuple | None, use_tma: bool) -> tuple:
+              config: tuple | None, config_dq: tuple | None, use_tma: bool, fused_dq: int) -> tuple:
     """Constexpr values (signature order) and launch options of the delta, dk/dv and dq kernels,
     computed once per feature combination."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
@@ -454,7 +494,7 @@ def _bwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_
     common = dict(zip(FLAG_NAMES, flags), BLOCK_D=block_d, BLOCK_DV=block_dv, USE_TMA=use_tma,
                   DOT_PRECISION=dot_precision)
     delta = dict(IS_VARLEN=common["IS_VARLEN"], BLOCK_M=_DELTA_BLOCK, BLOCK_DV=block_dv)
-    dkdv = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    dkdv = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FUSE_DQ=fused_dq)
     dq = dict(common, BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"])
     return (tuple(delta[n] for n in _launch_delta.constexpr_names),
             (tuple(dkdv[n] for n in _launch_dkdv.constexpr_names), cfg["BLOCK_M"], cfg["BLOCK_N"],
@@ -467,14 +507,19 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
               cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q: int, max_seqlen_k: int,
               num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
               dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None,
-              config_dq: dict | None = None, use_tma: bool | None = None) -> None:
-    """Launch delta, dk/dv and dq kernels. Writes ``delta``, ``dq``, ``dk``, ``dv``; allocates nothing.
+              config_dq: dict | None = None, use_tma: bool | None = None, deterministic: bool = False,
+              dq_mode: str | None = None) -> None:
+    """Launch delta, dk/dv and dq kernels. Writes ``delta``, ``dq``, ``dk``, ``dv``.
 
     Same layouts as ``forward.flash_fwd`` (dense 4-D or packed 3-D); ``delta`` has the layout of ``lse``.
     ``query_mask`` is only used as a flag: padded query rows carry LSE = -inf from the forward.
     ``config`` / ``config_dq`` override the launch parameters of the dk/dv and dq kernels.
     The streamed tiles (q and dO in dk/dv, k and v in dq) are read through TMA descriptors where
     ``launch.tma_can_read`` accepts all four (``use_tma`` False: never, for comparisons).
+    dq: its own kernel, or, where ``configs.fuse_dq`` says it is faster, accumulated by the dk/dv
+    kernel into an fp32 buffer (allocated here, then scaled into ``dq``): not bitwise reproducible,
+    so never with ``deterministic``. ``dq_mode`` ("split" | "fused", else the environment variable
+    ``HF_TRITON_ATTN_DQ``, else the policy) forces one, for tests and benchmarks.
     """
     num_heads, head_dim = q.shape[1], q.shape[-1]
     num_kv_heads = k.shape[1]
@@ -483,13 +528,20 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
     flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
                                 seqused_k, is_varlen, dropout_p)
     tma = use_tma is not False and not is_varlen and tma_can_read(q, do) and tma_can_read(k, v)
+    fused = _dq_mode(dq_mode, deterministic, tma, head_dim, head_dim_v, q.element_size(), window_right >= 0,
+                     dropout_p > 0)
     (delta_cx, (dkdv_cx, dkdv_block_m, dkdv_block_n, dkdv_warps, dkdv_stages),
      (dq_cx, dq_block_m, dq_block_n, dq_warps, dq_stages)) = _bwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
         tuple(sorted(config.items())) if config else None, tuple(sorted(config_dq.items())) if config_dq else None,
-        tma)
+        tma, fused)
     q_desc, do_desc = tma_descriptors(q, do, dkdv_block_m) if tma else (None, None)
-    k_desc, v_desc = tma_descriptors(k, v, dq_block_n) if tma else (None, None)
+    dq_acc = dq_desc = None
+    if fused:
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # dq / scale, summed over key blocks
+        if fused == _DQ_TMA_REDUCE:
+            dq_desc = tma_descriptor(dq_acc, dkdv_block_m)
+    k_desc, v_desc = tma_descriptors(k, v, dq_block_n) if tma and not fused else (None, None)
     optional = tuple(ptr_or(t, lse) for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi,
                                               rng))
     km_strides, ab_strides = mask_strides(key_mask) + segment_strides(segments), alibi_strides(alibi)
@@ -503,9 +555,13 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, *, key_mask, query_mask, s
          head_dim_v), delta_cx, 4, 1)
     _launch_dkdv(
         tile_grid(max_seqlen_k, dkdv_block_n, num_seqs * num_kv_heads),
-        (q, k, v, do, lse, delta, dk, dv, *optional, q_desc, do_desc, *q_st, *k_st, *v_st, *do_st,
-         *bhsd_strides(dk, vl), *bhsd_strides(dv, vl), *lse_st, *km_strides, *ab_strides, *scalars),
+        (q, k, v, do, lse, delta, dk, dv, ptr_or(dq_acc, lse), *optional, q_desc, do_desc, dq_desc, *q_st, *k_st,
+         *v_st, *do_st, *bhsd_strides(dk, vl), *bhsd_strides(dv, vl),
+         *(bhsd_strides(dq_acc, vl) if fused else (0, 0, 0, 0)), *lse_st, *km_strides, *ab_strides, *scalars),
         dkdv_cx, dkdv_warps, dkdv_stages)
+    if fused:
+        torch.mul(dq_acc, sm_scale, out=dq)
+        return
     _launch_dq(
         tile_grid(max_seqlen_q, dq_block_m, num_seqs * num_heads),
         (q, k, v, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *do_st, *bhsd_strides(dq, vl),

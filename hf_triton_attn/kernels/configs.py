@@ -82,3 +82,26 @@ def dq_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False) ->
     if width <= 512:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+
+
+def fuse_dq(block_d: int, block_dv: int, elem_size: int, tma: bool, diagonal: bool, dropout: bool) -> bool:
+    """Whether the dk/dv kernel also accumulates dq (fp32, one TMA reduce-add per tile into a zeroed
+    buffer; the interpreter adds with pointer atomics) instead of a separate dq kernel.
+
+    Fusing computes P, dP and the dropout mask once instead of twice and drops two of the seven
+    matmuls per tile, at the cost of an fp32 read-modify-write of the dq tile per key block and a
+    non-deterministic summation order. H100, Triton 3.6, bf16, B*S = 16384, H*D = 2048, fwd+bwd ms
+    split -> fused (results/2026-11-26_h100_session4_dq_modes.log):
+    - D=64 dropout 0.1: S=1024 2.017 -> 1.865 non-causal, 1.396 -> 1.200 causal; S=4096 7.118 -> 6.295,
+      4.157 -> 3.490.
+    - D=64 p=0: causal 1.078 -> 1.061 (S=1024), 3.232 -> 3.022 (4096); non-causal slower, 1.484 -> 1.554
+      and 5.218 -> 5.294, so it stays split.
+    - D=128: 1.4-2.1x slower in every case (the fused loop at BLOCK_D=128 keeps fewer stages).
+    The interpreter fuses whenever the GPU could (diagonal or dropout), at any width, so the CPU tests
+    run both paths.
+    """
+    if not (diagonal or dropout):
+        return False
+    if INTERPRETED:
+        return True
+    return tma and max(block_d, block_dv) * elem_size <= 128

@@ -96,13 +96,17 @@ def tma_can_read(k: torch.Tensor, v: torch.Tensor) -> bool:
     return _tma_usable(k.device) and _tma_readable(k) and _tma_readable(v)
 
 
-def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
-    """Descriptors of (1, 1, block_n, padded head dim) boxes of K and V (``tma_can_read`` first)."""
+def tma_descriptor(t: torch.Tensor, block_rows: int):
+    """Descriptor of (1, 1, block_rows, padded head dim) boxes of a 4-D (B, H, S, D) tensor whose
+    layout ``_tma_readable`` accepts. Boxes past S or D read as 0 and are clipped on writes."""
     from .configs import block_dim
 
-    box = _tma_box_class()
-    return (box(k, list(k.shape), list(k.stride()), [1, 1, block_n, block_dim(k.shape[3])]),
-            box(v, list(v.shape), list(v.stride()), [1, 1, block_n, block_dim(v.shape[3])]))
+    return _tma_box_class()(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_dim(t.shape[3])])
+
+
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
+    """Descriptors of (1, 1, block_n, padded head dim) boxes of K and V (``tma_can_read`` first)."""
+    return tma_descriptor(k, block_n), tma_descriptor(v, block_n)
 
 
 _TMA_BOX = None
