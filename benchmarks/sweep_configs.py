@@ -3,7 +3,10 @@
 Prints, per (dtype, D, causal, S), the time of each candidate and the best one, and writes
 ``DIR/sweep.json``. The winners are what kernels/configs.py hard-codes (with the card and date).
 
-    python benchmarks/sweep_configs.py --out DIR [--seqlens 1024,4096] [--dtypes fp16]
+    python benchmarks/sweep_configs.py --out DIR [--seqlens 1024,4096] [--dtypes fp16] [--dropout 0.1]
+
+The backward kinds time the whole backward; which dq path runs follows ``configs.fuse_dq`` (set
+HF_TRITON_ATTN_DQ=split or fused to force one).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def candidates(kind: str, d: int):
     stages = (2, 3, 4) if kind.startswith("fwd") else (2, 3)
     blocks = {
         "fwd": [(128, 64), (128, 128), (64, 64)],
-        "dkdv": [(32, 128), (64, 128), (32, 64), (64, 64)],
+        "dkdv": [(32, 128), (64, 128), (32, 64), (64, 64), (128, 64), (128, 128)],
         "dq": [(128, 32), (128, 64), (64, 64), (64, 32)],
     }[kind.removesuffix("_ptr")]
     for (bm, bn), w, s in itertools.product(blocks, (4, 8), stages):
@@ -77,9 +80,10 @@ def time_or_none(fn, timed: bool = True) -> float | None:
 _problems: dict = {}
 
 
-# --fill: key + query padding masks with this mean fraction of real tokens (an environment variable, so
-# the spawned precompile workers see it too)
+# --fill: key + query padding masks with this mean fraction of real tokens; --dropout: attention dropout
+# (environment variables, so the spawned precompile workers see them too)
 FILL = float(os.environ["SWEEP_FILL"]) if os.environ.get("SWEEP_FILL") else None
+DROPOUT = float(os.environ.get("SWEEP_DROPOUT", "0"))
 
 
 def problem(dtype_name: str, d: int, causal: bool, s: int) -> dict:
@@ -98,6 +102,9 @@ def problem(dtype_name: str, d: int, causal: bool, s: int) -> dict:
             g = torch.Generator().manual_seed(260)
             lens = (FILL * s * (0.5 + torch.rand(b, generator=g))).round().long().clamp(1, s)
             args["key_mask"] = args["query_mask"] = (torch.arange(s)[None] < lens[:, None]).cuda()
+        if DROPOUT:
+            args["dropout_p"] = DROPOUT
+            args["rng"] = torch.tensor([1234, 5678], device="cuda", dtype=torch.int64)
         flash_fwd(q, k, v, o, lse, **args)
         _problems[key] = dict(q=q, k=k, v=v, o=o, lse=lse, args=args, do=torch.randn_like(o),
                               dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
@@ -135,11 +142,13 @@ def main() -> int:
                     help="kernels to sweep: fwd, dkdv, dq (TMA where possible), each also as KIND_ptr (pointer loads)")
     ap.add_argument("--fill", type=float, default=None,
                     help="add key and query padding masks with this mean fill (e.g. 0.58, 1.0)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability (e.g. 0.1)")
     args = ap.parse_args()
-    global FILL
-    FILL = args.fill
+    global FILL, DROPOUT
+    FILL, DROPOUT = args.fill, args.dropout
     if FILL is not None:
         os.environ["SWEEP_FILL"] = str(FILL)
+    os.environ["SWEEP_DROPOUT"] = str(DROPOUT)
     os.makedirs(args.out, exist_ok=True)
     combos = list(itertools.product(args.dtypes.split(","), map(int, args.dims.split(",")), (False, True),
                                     map(int, args.seqlens.split(","))))
