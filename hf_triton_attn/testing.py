@@ -29,7 +29,7 @@ def dropout_keep_mask(rng: torch.Tensor, batch: int, heads: int, seqlen_q: int, 
     """
     if interpret is None:
         interpret = rng.device.type != "cuda"
-    _check_backend_usable(interpret, rng.device)
+    _check_backend_usable(interpret, rng)
     from .kernels.dropout import dropout_mask
 
     mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.int8, device=rng.device)

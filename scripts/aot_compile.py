@@ -266,7 +266,8 @@ def _decode_label(kw: dict) -> str:
 
 
 def run_decode_case(kw: dict) -> None:
-    """flash_decode as ops would call it (causal = window_right 0), for each split count."""
+    """flash_decode as ops would call it (causal = window_right 0), for each split count, with and
+    without the LSE (None: a no-grad call without return_lse, the kernels' STORE_LSE off)."""
     import torch
 
     from hf_triton_attn.kernels.decode import flash_decode
@@ -291,12 +292,14 @@ def run_decode_case(kw: dict) -> None:
     if kw.get("causal"):
         right = 0 if right < 0 else min(right, 0)
     alibi = {None: None, "h": torch.full((hq,), 0.5), "bh": torch.full((b, hq), 0.5)}[kw.get("alibi")]
+    key_mask = _mask(kw["key_mask"], (b, sk)) if kw.get("key_mask") else None
+    seqused_k = torch.full((b,), max(1, sk // 2), dtype=torch.int32) if kw.get("seqused_k") else None
     for splits in kw["splits"]:
-        flash_decode(q, k, v, o, lse, key_mask=_mask(kw["key_mask"], (b, sk)) if kw.get("key_mask") else None,
-                     seqused_k=torch.full((b,), max(1, sk // 2), dtype=torch.int32) if kw.get("seqused_k") else None,
-                     alibi=alibi, max_seqlen_q=sq, max_seqlen_k=sk, num_seqs=b, sm_scale=d ** -0.5,
-                     softcap=kw.get("softcap", 0.0), window_left=left, window_right=right,
-                     dot_precision="tf32" if kw.get("tf32") else "ieee", num_splits=splits)
+        for out_lse in (lse, None):
+            flash_decode(q, k, v, o, out_lse, key_mask=key_mask, seqused_k=seqused_k, alibi=alibi, max_seqlen_q=sq,
+                         max_seqlen_k=sk, num_seqs=b, sm_scale=d ** -0.5, softcap=kw.get("softcap", 0.0),
+                         window_left=left, window_right=right, dot_precision="tf32" if kw.get("tf32") else "ieee",
+                         num_splits=splits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +443,7 @@ def collect_jobs(manual: bool) -> tuple[list[Job], list[str]]:
     calls += [(_decode_label(kw), run_decode_case, kw) for kw in DECODE_CASES]
     # The only CPU obstacle on the public path: backend="triton" insists on CUDA tensors.
     check_backend, allow_tf32 = ops._check_backend_usable, torch.backends.cuda.matmul.allow_tf32
-    ops._check_backend_usable = lambda backend, device: None
+    ops._check_backend_usable = lambda interpret, t: None
     try:
         with recorder:
             for label, func, arg in calls:

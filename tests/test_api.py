@@ -114,8 +114,8 @@ def test_auto_backend_on_cpu_warns_once_and_uses_reference(monkeypatch):
         warnings.simplefilter("error")
         flash_attention(q, k, v)
     monkeypatch.setenv("HF_TRITON_ATTN_BACKEND", "interpret")
-    assert ops._choose_backend(None, q.device) == "interpret"
-    assert ops._choose_backend("reference", q.device) == "reference"  # explicit argument wins
+    assert ops._choose_backend(None, q) == "interpret"
+    assert ops._choose_backend("reference", q) == "reference"  # explicit argument wins
     monkeypatch.setenv("HF_TRITON_ATTN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="HF_TRITON_ATTN_BACKEND"):
         flash_attention(q, k, v)

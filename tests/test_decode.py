@@ -9,7 +9,7 @@ import torch
 from hf_triton_attn.kernels.decode import decode_splits, flash_decode
 from hf_triton_attn.reference import attention_reference
 
-from .helpers import DEVICE, ON_GPU, assert_pass_rule, make_qkv, max_err
+from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, make_qkv, max_err
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
@@ -184,3 +184,34 @@ def test_decode_splits_heuristic():
         blocks = -(-sk // 64)
         per = -(-blocks // n)
         assert 1 <= n <= 64 and (n - 1) * per < blocks, (batch, heads, sk, n)  # no split left empty
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_without_lse(num_splits):
+    """lse=None (no autograd, no return_lse): no kernel writes an LSE, and o is bit for bit the same."""
+    q, k, v = (t.detach() for t in make_qkv(2, 4, 2, 1, 70, 32, 32, torch.float16, layout="bshd"))
+    mask = _key_mask("left", 2, 70).to(DEVICE)
+    o_ref, _ = run_decode(q, k, v, causal=True, key_mask=mask, num_splits=num_splits, out_bshd=True)
+    o = torch.full_like(o_ref, float("nan"))
+    flash_decode(q, k, v, o, None, key_mask=mask, seqused_k=None, alibi=None, max_seqlen_q=1, max_seqlen_k=70,
+                 num_seqs=2, sm_scale=32 ** -0.5, softcap=0.0, window_left=-1, window_right=0,
+                 dot_precision="ieee", num_splits=num_splits)
+    assert torch.equal(o, o_ref)
+
+
+def test_flash_attention_skips_lse_only_when_unused(monkeypatch):
+    """A no-grad decode call without return_lse allocates no LSE; its output equals the LSE path's."""
+    from hf_triton_attn import flash_attention, ops
+
+    q, k, v = make_qkv(2, 4, 2, 1, 40, 16, 16, torch.float16)
+    mask = _key_mask("left", 2, 40).to(DEVICE)
+    kw = dict(causal=True, attention_mask=mask, backend=BACKEND)
+    with torch.no_grad():
+        out_lse, lse = flash_attention(q, k, v, return_lse=True, **kw)
+        allocated = []
+        real = ops._empty_lse
+        monkeypatch.setattr(ops, "_empty_lse", lambda *a: allocated.append(1) or real(*a))
+        out = flash_attention(q, k, v, **kw)
+    assert not allocated and torch.equal(out, out_lse) and torch.isfinite(lse).all()
+    flash_attention(q, k, v, **kw).sum().backward()  # autograd: the LSE again, for the backward
+    assert allocated and q.grad is not None

@@ -143,7 +143,7 @@ def _decode_split_kernel(
     sm_scale, softcap, window_left, window_right,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
-    FINAL: tl.constexpr,
+    FINAL: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -151,6 +151,7 @@ def _decode_split_kernel(
 
     FINAL (one split): O_PART/LSE_PART are the real O (output dtype, any strides) and the
     natural-log LSE. Otherwise they are the fp32 workspace and the LSE stays in base 2.
+    STORE_LSE False (only with FINAL; nobody reads the LSE): LSE_PART is a dummy, never written.
     """
     bkv = tl.program_id(0)
     split = tl.program_id(1)
@@ -231,8 +232,9 @@ def _decode_split_kernel(
     rows = b64 * stride_pb + offs_h * stride_ph + offs_i.to(tl.int64) * stride_pm + split * stride_ps
     o_ptrs = O_PART + rows[:, None] + offs_dv[None, :] * stride_pd
     tl.store(o_ptrs, out.to(O_PART.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    lse_rows = b64 * stride_lb + offs_h * stride_lh + offs_i.to(tl.int64) * stride_lm + split * stride_ls
-    tl.store(LSE_PART + lse_rows, lse, mask=row_ok)
+    if STORE_LSE:
+        lse_rows = b64 * stride_lb + offs_h * stride_lh + offs_i.to(tl.int64) * stride_lm + split * stride_ls
+        tl.store(LSE_PART + lse_rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -241,9 +243,10 @@ def _decode_combine_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     seqlen_q, num_heads, head_dim_v, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Merge the splits of one (b, query head, query row) of the contiguous fp32 workspace.
+    STORE_LSE False: nobody reads the LSE, LSE is a dummy, never written.
 
     Partial LSEs are base 2: with M = max_s lse_s, w_s = 2^(lse_s - M) (0 for empty splits),
     o = sum_s w_s o_s / sum_s w_s, lse = ln 2 * (M + log2 sum_s w_s). Every o_s is normalised
@@ -270,7 +273,8 @@ def _decode_combine_kernel(
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(total_safe)) * LN2)
     tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
              out.to(O.dtype.element_ty), mask=offs_dv < head_dim_v)
-    tl.store(LSE + b * stride_lb + h * stride_lh + i * stride_lm, lse)
+    if STORE_LSE:
+        tl.store(LSE + b * stride_lb + h * stride_lh + i * stride_lm, lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,9 +318,11 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
 
 @functools.lru_cache(maxsize=256)
 def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flags: tuple,
-                 dot_precision: str) -> tuple:
+                 dot_precision: str, store_lse: bool) -> tuple:
     """Per feature combination, computed once: (BLOCK_N, row blocks, BLOCK_DV, num_warps,
     num_stages, split-kernel constexprs for num_splits > 1, the same for num_splits == 1).
+    ``store_lse``: whether the caller wants the LSE (the partial LSEs of several splits are
+    always written: the combine reads them).
 
     BLOCK_M holds the packed rows (group * Sq) up to a cap (more rows take more row blocks). The
     GPU values are untuned first guesses in the spirit of fwd_config (decode is bandwidth bound:
@@ -339,7 +345,8 @@ def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flag
     values = dict(zip(_FLAG_NAMES, flags), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
                   DOT_PRECISION=dot_precision)
-    split, final = ({**values, "FINAL": f} for f in (False, True))
+    split = {**values, "FINAL": False, "STORE_LSE": True}
+    final = {**values, "FINAL": True, "STORE_LSE": store_lse}
     return (block_n, triton.cdiv(max(rows, 1), block_m), block_dv, warps, stages,
             tuple(split[n] for n in _launch_split.constexpr_names),
             tuple(final[n] for n in _launch_split.constexpr_names))
@@ -356,7 +363,7 @@ def _num_sms(device) -> int:
     return 4
 
 
-def flash_decode(q, k, v, o, lse, *, key_mask, seqused_k, alibi, max_seqlen_q: int, max_seqlen_k: int,
+def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int, max_seqlen_k: int,
                  num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
                  dot_precision: str, num_splits: int | None = None) -> None:
     """Split-KV decode forward. Writes ``o`` and ``lse``; allocates only the fp32 split workspace.
@@ -365,33 +372,38 @@ def flash_decode(q, k, v, o, lse, *, key_mask, seqused_k, alibi, max_seqlen_q: i
     o (B, Hq, Sq, Dv) are 4-D views with any strides (o may view BSHD memory); lse is a (B, Hq, Sq)
     fp32 view, natural log, -inf for rows with no visible key (their output is 0). key_mask
     (B, Sk) nonzero = keep, seqused_k (B,) int32, alibi (Hq,) or (B, Hq) fp32: None when absent.
+    ``lse`` None: nobody reads it (no autograd, no ``return_lse``): no kernel writes an LSE.
     max_seqlen_q = Sq, max_seqlen_k = Sk, num_seqs = B; causal is window_right = 0.
     ``num_splits``: None = ``decode_splits`` for this device; 1 writes o and lse straight from the
     split kernel (no workspace, no combine launch). No host sync.
     """
-    num_heads, head_dim = q.shape[1], q.shape[3]
+    _, num_heads, _, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[3]
     if num_seqs == 0 or num_heads == 0 or max_seqlen_q == 0:
         return  # nothing to write
     kv_group = num_heads // num_kv_heads
     flags = (window_left >= 0, window_right >= 0, softcap > 0, alibi is not None, key_mask is not None,
              seqused_k is not None)
+    store_lse = lse is not None
     block_n, row_blocks, block_dv, warps, stages, cx_split, cx_final = _decode_meta(
-        head_dim, head_dim_v, q.element_size(), kv_group * max_seqlen_q, flags, dot_precision)
+        head_dim, head_dim_v, q.element_size(), kv_group * max_seqlen_q, flags, dot_precision, store_lse)
     if num_splits is None:
         num_splits = decode_splits(num_seqs * row_blocks, num_kv_heads, max_seqlen_k, block_n, _num_sms(q.device))
+    dummy = lse if store_lse else o  # pointer for absent tensors (never read or written)
+    o_st = o.stride()
+    lse_st = lse.stride() if store_lse else (0, 0, 0)
     if num_splits == 1:
-        o_part, lse_part = o, lse
-        o_strides = (*o.stride()[:3], 0, o.stride(3))
-        lse_strides = (*lse.stride(), 0)
+        o_part, lse_part = o, dummy
+        o_strides = (o_st[0], o_st[1], o_st[2], 0, o_st[3])
+        lse_strides = (*lse_st, 0)
     else:
         o_part = torch.empty((num_seqs, num_heads, max_seqlen_q, num_splits, head_dim_v),
                              device=q.device, dtype=torch.float32)
         lse_part = torch.empty((num_seqs, num_heads, max_seqlen_q, num_splits), device=q.device, dtype=torch.float32)
         o_strides, lse_strides = o_part.stride(), lse_part.stride()
     args = (q, k, v, o_part, lse_part,
-            key_mask if key_mask is not None else lse, seqused_k if seqused_k is not None else lse,
-            alibi if alibi is not None else lse,
+            key_mask if key_mask is not None else dummy, seqused_k if seqused_k is not None else dummy,
+            alibi if alibi is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *o_strides, *lse_strides,
             *mask_strides(key_mask), *alibi_strides(alibi),
             max_seqlen_q, max_seqlen_k, num_kv_heads, kv_group, head_dim, head_dim_v, num_splits,
@@ -402,6 +414,6 @@ def flash_decode(q, k, v, o, lse, *, key_mask, seqused_k, alibi, max_seqlen_q: i
         return
     block_s = max(2, triton.next_power_of_2(num_splits))
     _launch_combine((num_seqs * num_heads * max_seqlen_q, 1, 1),
-                    (o_part, lse_part, o, lse, *o.stride(), *lse.stride(),
+                    (o_part, lse_part, o, dummy, *o_st, *lse_st,
                      max_seqlen_q, num_heads, head_dim_v, num_splits),
-                    (block_s, block_dv), 4 if block_s * block_dv >= 2048 else 2, 1)
+                    (block_s, block_dv, store_lse), 4 if block_s * block_dv >= 2048 else 2, 1)
