@@ -179,7 +179,7 @@ def test_interpreted_bf16_is_refused_not_wrong():
 
 def test_custom_op_passes_opcheck():
     q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 12, 12, 16, 16, torch.float32))
-    args = (q, k, v, None, None, None, None, None, None, None, None, 12, 12, 0.25, 0.0, -1, 0, 0.0, not ON_GPU)
+    args = (q, k, v, None, None, None, None, None, None, None, None, 12, 12, 0.25, 0.0, -1, 0, 0.0, False, not ON_GPU)
     torch.library.opcheck(ops._flash_attn_fwd_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -175,3 +175,44 @@ def test_cached_launches_are_used():
     torch.cuda.synchronize()
     for launcher in (forward._launch_fwd, backward._launch_dkdv, backward._launch_dq, decode._launch_split):
         assert launcher.fast and launcher.kernels, launcher.fn
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
+def test_causal_dropout_gqa_backward_bf16(deterministic):
+    """GPT-2-like training attention (causal, dropout 0.1, bf16, D = 64) with GQA and an odd length:
+    by default dq is summed by the dk/dv kernel with TMA reduce-adds, with deterministic=True by the
+    dq kernel; both meet the pass rule against the float64 oracle with the kernel's own keep mask."""
+    from hf_triton_attn.kernels import backward
+    from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
+
+    b, hq, hkv, s, d, p = 2, 8, 2, 1000, 64, 0.1
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+            .requires_grad_() for _ in range(2))
+    dq_launches = []
+    real = backward._launch_dq
+    backward._launch_dq = type("Counter", (), {"__call__": lambda self, *a: (dq_launches.append(1), real(*a)),
+                                               "__getattr__": lambda self, n: getattr(real, n)})()
+    try:
+        torch.manual_seed(11)
+        out = flash_attention(q, k, v, causal=True, dropout_p=p, deterministic=deterministic, backend="triton")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        backward._launch_dq = real
+    assert len(dq_launches) == (1 if deterministic else 0)
+    torch.manual_seed(11)
+    mask = dropout_keep_mask(draw_dropout_rng("cuda"), b, hq, s, s, p)
+    sl = (slice(0, 1), slice(0, 4))  # query heads 0-3 = the whole group of KV head 0 (dk/dv sum over it)
+    kv_sl = (slice(0, 1), slice(0, 1))
+    leaves = [t.detach() for t in (q, k, v)]
+    ref_in = [leaves[0][sl].clone().requires_grad_()] + [t[kv_sl].clone().requires_grad_() for t in leaves[1:]]
+    ora_in = [t.detach().double().requires_grad_() for t in ref_in]
+    kw = dict(causal=True, dropout_p=p, dropout_mask=mask[sl])
+    ref = attention_reference(*ref_in, **kw)
+    ora = attention_reference(*ora_in, **kw)
+    assert_pass_rule("out", out[sl], ref, ora, torch.bfloat16)
+    for name, a, r, o, part in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_in, dout[sl]),
+                                   torch.autograd.grad(ora, ora_in, dout[sl].double()), (sl, kv_sl, kv_sl)):
+        assert_pass_rule(name, a[part], r, o, torch.bfloat16)
