@@ -19,10 +19,11 @@ def block_dim(d: int) -> int:
 
 
 def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, diagonal: bool = False,
-               long_keys: bool = True) -> dict:
+               long_keys: bool = True, dropout: bool = False) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages for the forward kernel (``tma``: K/V read through
     TMA descriptors; ``diagonal``: a causal or right-window mask, so tiles near it are partly masked;
-    ``long_keys``: at least 1024 keys per sequence, enough key blocks to fill a deep pipeline)."""
+    ``long_keys``: at least 1024 keys per sequence, enough key blocks to fill a deep pipeline;
+    ``dropout``: the keep-mask hash makes the loop integer-bound, which the 128-row tile serves worse)."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
@@ -33,7 +34,9 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         # non-causal and 330 / 432 causal (128x64 w8 s3: 401 / 489 and 273 / 427). Below 1024 keys the
         # 128-key tile loses: D=64, S=512 with key + query padding masks (fill 1.0), 128x64 w4 s3
         # 0.245 ms, 128x128 outside the top three (> 0.252 ms; ..._session2_run4_fill_sweep.log).
-        if width <= 128 and not diagonal:
+        # With dropout 0.1 (H100, sweep_configs.py --dropout 0.1: ..._h100_session4_fwd_sweep_dropout.json):
+        # D=64 non-causal 64x64 w4 s3 0.499 / 1.957 ms at S = 1024 / 4096 vs 128x128 w4 s3 0.608 / 2.063.
+        if width <= 128 and not diagonal and not dropout:
             block_n = 128 if long_keys else 64
             return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=4, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)

@@ -259,7 +259,8 @@ def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     values = dict(zip(FLAG_NAMES, flags))
     cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size, tma=use_tma,
-                                                 diagonal=values["HAS_RIGHT"], long_keys=long_keys)
+                                                 diagonal=values["HAS_RIGHT"], long_keys=long_keys,
+                                                 dropout=values["HAS_DROPOUT"])
     values.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, USE_TMA=use_tma,
                   FUSED_SCALE=fused_scale, DOT_PRECISION=dot_precision)
