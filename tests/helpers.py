@@ -97,6 +97,27 @@ def spy_on(monkeypatch, module, name: str = "flash_attention") -> list:
     return calls
 
 
+class _LaunchCounter:
+    """Stands in for a ``CachedLauncher``: records each launch's grid, then launches."""
+
+    def __init__(self, real) -> None:
+        self.real, self.grids = real, []
+
+    def __call__(self, grid, *args):
+        self.grids.append(grid)
+        return self.real(grid, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def count_launches(monkeypatch, module, name: str) -> list:
+    """Replace the launcher ``module.<name>`` by a counting one; returns the list of launch grids."""
+    counter = _LaunchCounter(getattr(module, name))
+    monkeypatch.setattr(module, name, counter)
+    return counter.grids
+
+
 def stored_output_allowance(q, k, kw, out, ora, dout) -> dict:
     """Elementwise bounds of the dq / dk error caused by the backward reading the stored output.
 

@@ -5,7 +5,7 @@ import torch
 
 from hf_triton_attn import attention_reference, flash_attention
 
-from .helpers import assert_pass_rule
+from .helpers import assert_pass_rule, count_launches
 
 pytestmark = pytest.mark.gpu
 
@@ -178,7 +178,7 @@ def test_cached_launches_are_used():
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
-def test_causal_dropout_gqa_backward_bf16(deterministic):
+def test_causal_dropout_gqa_backward_bf16(monkeypatch, deterministic):
     """GPT-2-like training attention (causal, dropout 0.1, bf16, D = 64) with GQA and an odd length:
     by default dq is summed by the dk/dv kernel with TMA reduce-adds, with deterministic=True by the
     dq kernel; both meet the pass rule against the float64 oracle with the kernel's own keep mask."""
@@ -190,17 +190,11 @@ def test_causal_dropout_gqa_backward_bf16(deterministic):
     q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2).requires_grad_()
     k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
             .requires_grad_() for _ in range(2))
-    dq_launches = []
-    real = backward._launch_dq
-    backward._launch_dq = type("Counter", (), {"__call__": lambda self, *a: (dq_launches.append(1), real(*a)),
-                                               "__getattr__": lambda self, n: getattr(real, n)})()
-    try:
-        torch.manual_seed(11)
-        out = flash_attention(q, k, v, causal=True, dropout_p=p, deterministic=deterministic, backend="triton")
-        dout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-    finally:
-        backward._launch_dq = real
+    dq_launches = count_launches(monkeypatch, backward, "_launch_dq")
+    torch.manual_seed(11)
+    out = flash_attention(q, k, v, causal=True, dropout_p=p, deterministic=deterministic, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
     assert len(dq_launches) == (1 if deterministic else 0)
     torch.manual_seed(11)
     mask = dropout_keep_mask(draw_dropout_rng("cuda"), b, hq, s, s, p)

@@ -5,7 +5,7 @@ import torch
 
 from hf_triton_attn import flash_attention
 
-from .helpers import BACKEND, DEVICE, ON_GPU, check_against_oracle, make_qkv
+from .helpers import BACKEND, DEVICE, ON_GPU, check_against_oracle, count_launches, make_qkv
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 pytestmark = pytest.mark.usefixtures("poison")
@@ -246,26 +246,10 @@ def test_deterministic_backward_is_bitwise():
 
 # dq: its own kernel, or summed over key blocks by the dk/dv kernel (configs.fuse_dq)
 
-class _LaunchCounter:
-    """Stands in for a ``CachedLauncher``: records each launch's grid, then launches."""
-
-    def __init__(self, real) -> None:
-        self.real, self.grids = real, []
-
-    def __call__(self, grid, *args):
-        self.grids.append(grid)
-        return self.real(grid, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 def _count_dq_launches(monkeypatch) -> list:
     from hf_triton_attn.kernels import backward
 
-    counter = _LaunchCounter(backward._launch_dq)
-    monkeypatch.setattr(backward, "_launch_dq", counter)
-    return counter.grids
+    return count_launches(monkeypatch, backward, "_launch_dq")
 
 
 FUSED_DQ_CASES = {
