@@ -289,6 +289,8 @@ def _dot_precision(dtype: torch.dtype, interpret: bool) -> str:
 def _launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
                  cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
                  window_left, window_right, dropout_p, interpret) -> dict:
+    """flash_fwd's / flash_bwd's keyword arguments after the tensors (benchmarks and scripts; the
+    launch paths here pass them positionally)."""
     return dict(
         key_mask=key_mask, query_mask=query_mask, segments=segments, seqused_k=seqused_k, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, alibi=alibi, rng=rng, max_seqlen_q=max_seqlen_q,
@@ -356,12 +358,12 @@ def _forward_launch(q, k, v, key_mask, query_mask, segments, seqused_k, cu_seqle
             q, k, v, out, lse, key_mask, seqused_k, alibi, max_seqlen_q, max_seqlen_k, num_seqs, sm_scale,
             softcap, window_left, window_right, _dot_precision(q.dtype, interpret))
         return out, lse
-    flash_fwd = _kernels("forward").flash_fwd
-    flash_fwd(
-        q, k, v, out, lse,
-        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
-                       cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
-                       window_left, window_right, dropout_p, interpret))
+    # Positional, in flash_fwd's order (the same names): its 18 keywords, built by _launch_args
+    # and unpacked, cost 1.7 us per call (2-core CPU box, launches stubbed).
+    _kernels("forward").flash_fwd(
+        q, k, v, out, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng,
+        max_seqlen_q, max_seqlen_k, num_seqs, sm_scale, softcap, window_left, window_right, dropout_p, is_varlen,
+        _dot_precision(q.dtype, interpret))
     return out, lse
 
 
@@ -374,36 +376,42 @@ def _backward_launch(dout, q, k, v, out, lse, key_mask, query_mask, segments, se
                      window_left, window_right, dropout_p, deterministic, interpret):
     is_varlen = cu_seqlens_q is not None
     num_seqs = _num_seqs(q, cu_seqlens_q)
-    dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)
+    empty_like = torch.empty_like  # _empty_grad, without the call (what the fake impl allocates)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    flash_bwd = _kernels("backward").flash_bwd
-    flash_bwd(
-        dout, q, k, v, out, lse, delta, dq, dk, dv,
-        **_launch_args(q, k, v, num_seqs, is_varlen, key_mask, query_mask, segments, seqused_k, cu_seqlens_q,
-                       cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, sm_scale, softcap,
-                       window_left, window_right, dropout_p, interpret),
-        deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
+    # Positional, in flash_bwd's order (the same names): 19 keywords cost 1.9 us per call (2-core
+    # CPU box, launches stubbed).
+    _kernels("backward").flash_bwd(
+        dout, q, k, v, out, lse, empty_like(lse), dq, dk, dv, key_mask, query_mask, segments, seqused_k,
+        cu_seqlens_q, cu_seqlens_k, alibi, rng, max_seqlen_q, max_seqlen_k, num_seqs, sm_scale, softcap,
+        window_left, window_right, dropout_p, is_varlen, _dot_precision(q.dtype, interpret), None, None, None,
+        deterministic or torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv
 
 
 class _FlashAttnFunction(torch.autograd.Function):
     """Eager path: calls the launchers directly (cheaper than the custom op's dispatch).
 
-    Saves exactly what the custom op's autograd registration saves (``_op_setup_context``)."""
+    ``apply(q, k, v, rest)``: ``rest`` is the tuple of _forward_impl's 17 other arguments. Function.apply
+    costs per argument (functorch's unwrap, the C++ input scan): 20 arguments 12.6 us, 4 arguments 7.2 us
+    (2-core CPU box). The tensors in ``rest`` (masks, cu_seqlens, ALiBi slopes, the dropout seed) got no
+    gradient as arguments either, and are still saved with ``save_for_backward`` (in-place changes
+    before the backward are still caught). Saves exactly what the custom op's autograd registration
+    saves (``_op_setup_context``)."""
 
     @staticmethod
-    def forward(ctx, *args):
-        out, lse = _forward_impl(*args)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rest: tuple):
+        args = (q, k, v, *rest)
+        out, lse = _serialized_if_interpreted(_forward_launch, args)
         _op_setup_context(ctx, args, (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, *tensors, *ctx.scalars)
-        return (dq, dk, dv) + (None,) * 17
+        dq, dk, dv = _serialized_if_interpreted(_backward_launch, (dout, q, k, v, out, lse, *tensors, *ctx.scalars))
+        return dq, dk, dv, None
 
 
 # torch.library custom op: what torch.compile sees (opaque to the tracer, with a fake impl).
@@ -634,22 +642,22 @@ def flash_attention(
     if is_varlen:
         max_sq, max_sk = int(max_sq), int(max_sk)  # ints, or int subclasses
     segments = segment_bounds(segment_ids) if segment_ids is not None else None
-    args = (q, k, v, key_mask, qmask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_sq, max_sk,
+    rest = (key_mask, qmask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng, max_sq, max_sk,
             sm_scale, float(softcap), left, right, float(dropout_p), bool(deterministic), chosen == "interpret")
     # Eager calls bypass the custom op's dispatcher: host time per call with the launch stubbed,
     # measured on this project's 2-core CPU machine (2026-11-25): autograd.Function.apply 17.2 us,
     # the torch.library op 30.7 us. torch.compile traces the op (fake impl, no graph break).
     if torch.compiler.is_compiling():
-        out, lse = _flash_attn_fwd_op(*args)
+        out, lse = _flash_attn_fwd_op(q, k, v, *rest)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _FlashAttnFunction.apply(*args)
+        out, lse = _FlashAttnFunction.apply(q, k, v, rest)
     else:
         # Nothing to differentiate (generate, eval): no autograd node, 17 us less host time per
         # call (H200 host, 2026-11-26, benchmarks/host_overhead.py); no LSE unless returned. Not
         # through _forward_impl: its *args hop costs 0.6 us (2-core CPU box, launches stubbed).
         if chosen == "interpret":
             with _INTERPRET_LOCK:  # as _serialized_if_interpreted
-                out, lse = _forward_launch(*args, return_lse)
+                out, lse = _forward_launch(q, k, v, *rest, return_lse)
         else:
-            out, lse = _forward_launch(*args, return_lse)
+            out, lse = _forward_launch(q, k, v, *rest, return_lse)
     return (out, lse) if return_lse else out

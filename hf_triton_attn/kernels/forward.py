@@ -268,7 +268,7 @@ def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_
             cfg["num_warps"], cfg["num_stages"])
 
 
-def flash_fwd(q, k, v, o, lse, *, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
+def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k,
               alibi, rng, max_seqlen_q: int, max_seqlen_k: int, num_seqs: int, sm_scale: float,
               softcap: float, window_left: int, window_right: int, dropout_p: float,
               is_varlen: bool, dot_precision: str, config: dict | None = None,

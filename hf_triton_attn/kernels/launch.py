@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def environ_get(name: str) -> str | None:
+    """``os.environ.get(name)``, read on every call, straight from CPython's ``os.environ._data``
+    (what every change through ``os.environ`` updates): ``Mapping.get`` raises and catches a
+    KeyError when the variable is unset, 1.1 us vs 0.1 per call (2-core CPU box)."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # not CPython's os.environ: the public way
+        return os.environ.get(name)
+    raw = data.get(os.environ.encodekey(name))
+    return None if raw is None else os.environ.decodevalue(raw)
 
 
 def ptr_or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
