@@ -29,6 +29,7 @@ from types import ModuleType
 
 import torch
 
+from ._environ import environ_get
 from .reference import attention_reference
 
 __all__ = ["flash_attention", "BACKENDS"]
@@ -478,28 +479,13 @@ _flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 # ----------------------------------------------------------------------------------------------
 
 _BACKEND_ENV = "HF_TRITON_ATTN_BACKEND"
-# os.environ (CPython's os._Environ) keeps the environment in its ``_data`` dict under encoded keys;
-# every change through os.environ (setenv, monkeypatch, mock.patch.dict) updates it.
-_ENVIRON_DATA_KEY = os.environ.encodekey(_BACKEND_ENV) if hasattr(os.environ, "_data") else None
-
-
-def _backend_env() -> str | None:
-    """``os.environ.get("HF_TRITON_ATTN_BACKEND")``, read on every call (it may change at run time)
-    straight from ``os.environ._data``: ``Mapping.get`` raises and catches a KeyError when the
-    variable is unset, 0.73 us per call vs 0.05 on the 2-core CPU box (set: 0.27 vs 0.1)."""
-    data = getattr(os.environ, "_data", None)
-    if data is None or _ENVIRON_DATA_KEY is None:  # not CPython's os.environ: the public way
-        return os.environ.get(_BACKEND_ENV)
-    raw = data.get(_ENVIRON_DATA_KEY)
-    return None if raw is None else os.environ.decodevalue(raw)
-
 
 def _choose_backend(backend: str | None, t: torch.Tensor) -> str:
     """The backend for a call on ``t``'s device (a tensor: ``t.is_cuda`` is cheaper than ``device.type``)."""
     global _warned_cpu_fallback
     if backend is not None:
         return backend
-    env = _backend_env()
+    env = environ_get(_BACKEND_ENV)
     if env:
         if env not in BACKENDS:
             raise ValueError(f"HF_TRITON_ATTN_BACKEND must be one of {BACKENDS}; got {env!r}")

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._environ import environ_get
 from .common import (
     EXTENT_CHUNK,
     LOG2E,
@@ -41,7 +42,6 @@ from .launch import (
     CachedLauncher,
     alibi_strides,
     bhsd_strides,
-    environ_get,
     feature_flag_values,
     mask_strides,
     ptr_or,
