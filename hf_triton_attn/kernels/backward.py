@@ -548,8 +548,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
         if fused == _DQ_TMA_REDUCE:
             dq_desc = tma_descriptor(dq_acc, dkdv_block_m)
     k_desc, v_desc = tma_descriptors(k, v, dq_block_n) if tma and not fused else (None, None)
-    optional = [lse if t is None else t  # ptr_or, inline
-                for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng)]
+    optional = [ptr_or(t, lse) for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng)]
     km_strides, ab_strides = mask_strides(key_mask) + segment_strides(segments), alibi_strides(alibi)
     scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
                sm_scale, softcap, window_left, window_right, dropout_p)
