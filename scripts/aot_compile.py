@@ -243,8 +243,8 @@ def run_dropout_mask_case(shape: tuple[int, ...]) -> None:
 
 
 # Split-KV decode (kernels/decode.py), called directly: dtype x head dims x features, one split
-# (the split kernel writes O/LSE itself) and several (fp32 workspace + the combine kernel, whose
-# BLOCK_S follows the split count).
+# (the kernel writes O/LSE itself) and several (fp32 workspace, arrival counters, and the merge by
+# the last split, whose MERGE_M / MERGE_S follow the rows and Dv).
 DECODE_CASES = (
     dict(dtype="float16", d=128, hq=32, hkv=8, sq=1, sk=8192, splits=(1, 32)),       # Llama-3-8B step
     dict(dtype="bfloat16", d=64, hq=8, hkv=2, sq=4, sk=300, causal=True, key_mask="int64", splits=(1, 3)),

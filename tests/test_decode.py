@@ -9,7 +9,7 @@ import torch
 from hf_triton_attn.kernels.decode import decode_splits, flash_decode
 from hf_triton_attn.reference import attention_reference
 
-from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, make_qkv, max_err
+from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, count_launches, make_qkv, max_err
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
@@ -166,13 +166,45 @@ def test_bshd_views_in_place(dtype):
         run_decode(q, k, v, causal=True, num_splits=num_splits, out_bshd=True)
 
 
+def test_one_launch_counters_left_zero(monkeypatch):
+    """Split or not, a call is one launch; the last split of each row block merges, then resets its
+    arrival counter, so the per-stream counters are all 0 again after every call; repeated calls
+    give the same bits (the merge reads the splits in order, whoever arrives last)."""
+    from hf_triton_attn.kernels import decode
+
+    grids = count_launches(monkeypatch, decode, "_launch_decode")
+    q, k, v = make_qkv(2, 8, 2, 5, 90, 16, 24, torch.float16)  # 20 packed rows: two row blocks
+    first, _ = run_decode(q, k, v, causal=True, num_splits=7)
+    again, _ = run_decode(q, k, v, causal=True, num_splits=7)
+    assert torch.equal(first, again)
+    run_decode(q, k, v, causal=True, num_splits=1)
+    assert [g[1] for g in grids] == [7, 7, 1] and all(g[2] == 2 for g in grids)
+    counters = [c for c in decode._COUNTERS.values() if c.device.type == q.device.type]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+
+
+def test_arrival_counters_grow_and_keep_old_buffers():
+    """A call needing more counters than the stream's buffer holds gets a larger, zeroed one; the
+    old buffer stays referenced (a CUDA graph captured earlier may still point at it)."""
+    from hf_triton_attn.kernels import decode
+
+    device = torch.device(DEVICE)
+    small = decode.arrival_counters(device, 10)
+    assert small.dtype == torch.int32 and small.numel() >= 10 and int(small.abs().sum()) == 0
+    assert decode.arrival_counters(device, 10) is small
+    big = decode.arrival_counters(device, small.numel() + 1)
+    assert big.numel() > small.numel() and int(big.abs().sum()) == 0
+    assert any(r is small for r in decode._RETIRED)
+    assert decode.arrival_counters(device, 10) is big
+
+
 def test_decode_splits_heuristic():
     # a full GPU already: no split
     assert decode_splits(17, 8, 8192, 64, 132) == 1
     assert decode_splits(16, 8, 8192, 64, 132) == 3  # 128 programs: 3 splits reach 2 per SM
     # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), 4 blocks per split allowed (32)
     assert decode_splits(1, 8, 8192, 64, 132) == 32
-    # short cache (< 16 key blocks): one split, no combine launch (host time dominates there)
+    # short cache (< 16 key blocks): one split, no merge (host time dominates there)
     assert decode_splits(1, 8, 512, 64, 132) == 1
     assert decode_splits(8, 12, 640, 64, 132) == 1  # GPT-2 generate, B = 8
     # at least 4 key blocks per split

@@ -173,7 +173,7 @@ def test_cached_launches_are_used():
         flash_attention(q, k, v, causal=True).sum().backward()
         flash_attention(q[:, :, :1], k, v)  # decode kernel
     torch.cuda.synchronize()
-    for launcher in (forward._launch_fwd, backward._launch_dkdv, backward._launch_dq, decode._launch_split):
+    for launcher in (forward._launch_fwd, backward._launch_dkdv, backward._launch_dq, decode._launch_decode):
         assert launcher.fast and launcher.kernels, launcher.fn
 
 
@@ -210,3 +210,44 @@ def test_causal_dropout_gqa_backward_bf16(monkeypatch, deterministic):
     for name, a, r, o, part in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_in, dout[sl]),
                                    torch.autograd.grad(ora, ora_in, dout[sl].double()), (sl, kv_sl, kv_sl)):
         assert_pass_rule(name, a[part], r, o, torch.bfloat16)
+
+
+def test_decode_merge_under_graph_and_two_streams():
+    """The split decode merges in the launch, with arrival counters kept per stream: a CUDA-graph
+    replay (the capture takes its own counters) and calls racing on two streams give the eager result
+    bit for bit (the merge reads the splits in order, whoever arrives last)."""
+    from hf_triton_attn.kernels import decode
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    qs = [torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+          for _ in range(2)]
+    k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    assert decode.decode_splits(1, 8, 8192, 64, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    refs = [flash_attention(q, k, v) for q in qs]
+    assert_pass_rule("out", refs[0], attention_reference(qs[0], k, v),
+                     attention_reference(qs[0].double(), k.double(), v.double()), torch.bfloat16)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        flash_attention(qs[0], k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = flash_attention(qs[0], k, v)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, refs[0])
+
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs: list[list[torch.Tensor]] = [[], []]
+    for _ in range(50):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i].append(flash_attention(qs[i], k, v))
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert all(torch.equal(o, refs[i]) for o in outs[i]), f"stream {i}"

@@ -4,18 +4,23 @@ The regular forward launches one program per (sequence, query head, query block)
 (Sq = 1 or a few tokens) that is only B * Hq programs, each streaming every key, and the GPU sits
 mostly idle (B = 1, Hq = 32: 32 programs on 132 SMs). Here the keys are split instead:
 
-1. ``_decode_split_kernel``, grid (B * Hkv, num_splits, row blocks). One program owns one KV head
-   and ALL its ``group = Hq // Hkv`` query heads times Sq query rows, packed as M = group * Sq
-   rows (row r -> query head ``h_kv * group + r // Sq``, query index ``r % Sq``), so each K/V tile
-   is read once per KV head and feeds every query head of the group (GQA never materialises
-   repeated k/v). It runs the fp32 exp2-domain online softmax of forward.py over its split of the
-   keys and writes a normalised partial output and a partial LSE.
-2. ``_decode_combine_kernel``, one program per (b, query head, query row): merges the splits,
-   ``lse = log sum_s exp(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s``, and writes O (output
-   dtype, any strides) and the natural-log LSE with exactly ``_fwd_kernel``'s semantics (-inf and
-   output 0 for rows with no visible key), so the regular backward works from them unchanged.
+1. ``_decode_split_kernel``, grid (B * Hkv, num_splits, row blocks), ONE launch. One program owns
+   one KV head and ALL its ``group = Hq // Hkv`` query heads times Sq query rows, packed as
+   M = group * Sq rows (row r -> query head ``h_kv * group + r // Sq``, query index ``r % Sq``), so
+   each K/V tile is read once per KV head and feeds every query head of the group (GQA never
+   materialises repeated k/v). It runs the fp32 exp2-domain online softmax of forward.py over its
+   split of the keys and writes a normalised partial output and a partial LSE.
+2. The combine, in the same launch: each program then adds 1 to its (sequence, KV head, row
+   block)'s arrival counter; the program that arrives last merges that block's splits,
+   ``lse = log sum_s exp(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s``, in split order (so the
+   result does not depend on which program came last: bitwise reproducible), writes O (output
+   dtype, any strides) and the natural-log LSE with exactly ``_fwd_kernel``'s semantics (-inf
+   and output 0 for rows with no visible key), so the regular backward works from them
+   unchanged, and sets the counter back to 0. No program ever waits for another.
+   A second combine kernel cost a launch: ~5 us of host time and ~2.5 us of GPU time per call
+   (H100, 2026-11-26; B = 1, 32:8 heads, 8k cache: a call is ~26 us of GPU time).
 
-With one split, kernel 1 writes O and LSE directly (``FINAL``) and kernel 2 is not launched.
+With one split, the program writes O and LSE directly (``SPLIT`` off): no workspace, no counter.
 
 Splits are taken over each sequence's own visible key range (after ``seqused_k``, the left window
 and the first/last real key of ``key_mask``), computed in the kernel, so a static cache whose used
@@ -23,9 +28,14 @@ length is far below its capacity, a sliding window over a long cache or a left-p
 spreads its real work evenly over the splits. A split
 with no key (more splits than key blocks) writes o = 0 and lse = -inf, which the combine weighs 0.
 
-Workspace (fp32, allocated per call with torch.empty, only when num_splits > 1):
-  o_part   (B, Hq, Sq, num_splits, Dv)  partial outputs, each normalised by its own sum
-  lse_part (B, Hq, Sq, num_splits)      partial LSE in the base-2 domain (m2 + log2 l)
+Workspace, only when num_splits > 1:
+  one fp32 buffer per call (torch.empty), R = B * Hq * Sq rows:
+    o_part   [R, num_splits, Dv]  partial outputs, each normalised by its own sum
+    lse_part [R, num_splits]      partial LSE in the base-2 domain (m2 + log2 l), after o_part
+  int32 arrival counters, one per (sequence, KV head, row block): zero between calls (the last
+  program resets its own), so they are kept per (device, stream) and reused; launches on one
+  stream never overlap. Under CUDA-graph capture each call takes fresh zeroed counters instead
+  (a graph may be replayed on any stream).
 
 Not served here (the caller keeps the regular kernel): varlen, dropout, segments, query_mask.
 """
@@ -130,28 +140,96 @@ def _decode_inner(
 
 
 @triton.jit
+def _store_final(O, LSE, out, lse2, b64, offs_h, offs_i64, offs_dv, row_ok, head_dim_v,
+                 stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+                 STORE_LSE: tl.constexpr):
+    """O rows (output dtype, any strides) and, with STORE_LSE, the natural-log LSE the backward
+    reads, from a [BLOCK_M, BLOCK_DV] output and its [BLOCK_M] base-2 LSE."""
+    o_ptrs = (O + b64 * stride_ob + offs_h[:, None] * stride_oh + offs_i64[:, None] * stride_om
+              + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    if STORE_LSE:
+        tl.store(LSE + b64 * stride_lb + offs_h * stride_lh + offs_i64 * stride_lm, lse2 * LN2, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(WORKSPACE, O, LSE, b, h_kv, row_start, kv_group, q_len, seqlen_q, num_heads, head_dim_v,
+                  num_splits, lse_part_offset,
+                  stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+                  MERGE_M: tl.constexpr, MERGE_S: tl.constexpr, BLOCK_DV: tl.constexpr, STORE_LSE: tl.constexpr):
+    """Merge the num_splits partials of packed rows [row_start, row_start + MERGE_M) into O / LSE.
+
+    Partial LSEs are base 2: with M = max_s lse_s, w_s = 2^(lse_s - M) (0 for empty splits),
+    o = sum_s w_s o_s / sum_s w_s, lse = M + log2 sum_s w_s. Every o_s is normalised by its own
+    sum, so the weights stay in [0, 1] and nothing overflows. The splits are read MERGE_S at a
+    time as one [MERGE_M, MERGE_S, BLOCK_DV] tile (many loads in flight, not one round trip to L2
+    per split) in split order, so the result does not depend on which program came last. Loads
+    bypass L1 (".cg"): the partials were written by other SMs.
+    MERGE_M is the real packed rows rounded up to a power of 2 (the split kernel's BLOCK_M is at
+    least 16 for tl.dot; at GQA 32:8, Sq = 1 only 4 rows are real).
+    """
+    offs_r = row_start + tl.arange(0, MERGE_M)  # [MERGE_M] packed rows
+    row_ok = offs_r < kv_group * q_len
+    offs_i = (offs_r % q_len).to(tl.int64)
+    offs_h = (h_kv * kv_group + offs_r // q_len).to(tl.int64)
+    b64 = b.to(tl.int64)
+    rows = (b64 * num_heads + offs_h) * seqlen_q + offs_i  # [MERGE_M] workspace rows
+    offs_s = tl.arange(0, MERGE_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < head_dim_v
+    m = tl.full([MERGE_M], float("-inf"), tl.float32)
+    total = tl.zeros([MERGE_M], dtype=tl.float32)
+    acc = tl.zeros([MERGE_M, BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, num_splits, MERGE_S):
+        split = s0 + offs_s  # [MERGE_S]
+        ok = row_ok[:, None] & (split[None, :] < num_splits)  # [MERGE_M, MERGE_S]
+        slot = rows[:, None] * num_splits + split[None, :]  # [MERGE_M, MERGE_S]
+        lse_s = tl.load(WORKSPACE + lse_part_offset + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o_ptrs = WORKSPACE + slot[:, :, None] * head_dim_v + offs_dv[None, None, :]
+        o_s = tl.load(o_ptrs, mask=ok[:, :, None] & dv_ok[None, None, :], other=0.0,
+                      cache_modifier=".cg")  # [MERGE_M, MERGE_S, BLOCK_DV]
+        m_new = tl.maximum(m, tl.max(lse_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key so far: weights 0, not NaN
+        rescale = tl.exp2(m - m_safe)  # [MERGE_M]
+        w = tl.exp2(lse_s - m_safe[:, None])  # [MERGE_M, MERGE_S]
+        acc = acc * rescale[:, None] + tl.sum(o_s * w[:, :, None], axis=1)
+        total = total * rescale + tl.sum(w, axis=1)
+        m = m_new
+    empty = total == 0.0  # no visible key in any split
+    total_safe = tl.where(empty, 1.0, total)
+    out = acc / total_safe[:, None]  # [MERGE_M, BLOCK_DV]
+    lse = tl.where(empty, float("-inf"), m + tl.log2(total_safe))
+    _store_final(O, LSE, out, lse, b64, offs_h, offs_i, offs_dv, row_ok, head_dim_v,
+                 stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm, STORE_LSE)
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, K, V, O_PART, LSE_PART,
+    Q, K, V, O, LSE, WORKSPACE, COUNTERS,
     KEY_MASK, SEQUSED_K, ALIBI,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_ph, stride_pm, stride_ps, stride_pd,
-    stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
     stride_kmb, stride_kmn, stride_ab, stride_ah,
-    seqlen_q, seqlen_k, num_kv_heads, kv_group, head_dim, head_dim_v, num_splits,
+    seqlen_q, seqlen_k, num_heads, num_kv_heads, kv_group, head_dim, head_dim_v, num_splits, lse_part_offset,
     sm_scale, softcap, window_left, window_right,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
-    FINAL: tl.constexpr, STORE_LSE: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (sequence, KV head, key split, block of packed rows).
+    """One (sequence, KV head, key split, block of packed rows); with SPLIT, the last of a block's
+    splits to finish also merges them into O and LSE.
 
-    FINAL (one split): O_PART/LSE_PART are the real O (output dtype, any strides) and the
-    natural-log LSE. Otherwise they are the fp32 workspace and the LSE stays in base 2.
-    STORE_LSE False (only with FINAL; nobody reads the LSE): LSE_PART is a dummy, never written.
+    O: (B, Hq, Sq, Dv) output dtype, any strides; LSE: (B, Hq, Sq) fp32 natural log, written only
+    with STORE_LSE (otherwise a dummy: nobody reads the LSE). SPLIT off (one split): the program
+    writes O and LSE itself; WORKSPACE and COUNTERS are dummies. SPLIT on: WORKSPACE is the fp32
+    o_part [R, num_splits, Dv] followed (at element lse_part_offset) by lse_part [R, num_splits],
+    row = (b * Hq + h) * Sq + i; COUNTERS one int32 per (b * Hkv + h_kv) * row blocks + row block,
+    0 at entry and left 0.
     """
     bkv = tl.program_id(0)
     split = tl.program_id(1)
@@ -227,62 +305,38 @@ def _decode_split_kernel(
     out = acc * (1.0 / l_safe)[:, None]  # [BLOCK_M, BLOCK_DV]
     out = tl.where(empty[:, None], 0.0, out)
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))  # [BLOCK_M], base 2
-    if FINAL:
-        lse = lse * LN2  # the natural-log LSE the backward reads
-    rows = b64 * stride_pb + offs_h * stride_ph + offs_i.to(tl.int64) * stride_pm + split * stride_ps
-    o_ptrs = O_PART + rows[:, None] + offs_dv[None, :] * stride_pd
-    tl.store(o_ptrs, out.to(O_PART.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    if STORE_LSE:
-        lse_rows = b64 * stride_lb + offs_h * stride_lh + offs_i.to(tl.int64) * stride_lm + split * stride_ls
-        tl.store(LSE_PART + lse_rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _decode_combine_kernel(
-    O_PART, LSE_PART, O, LSE,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
-    seqlen_q, num_heads, head_dim_v, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    """Merge the splits of one (b, query head, query row) of the contiguous fp32 workspace.
-    STORE_LSE False: nobody reads the LSE, LSE is a dummy, never written.
-
-    Partial LSEs are base 2: with M = max_s lse_s, w_s = 2^(lse_s - M) (0 for empty splits),
-    o = sum_s w_s o_s / sum_s w_s, lse = ln 2 * (M + log2 sum_s w_s). Every o_s is normalised
-    by its own sum, so the weights stay in [0, 1] and nothing overflows.
-    """
-    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i, the workspace's row order
-    i = row % seqlen_q
-    bh = row // seqlen_q
-    h = bh % num_heads
-    b = bh // num_heads
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    s_ok = offs_s < num_splits
-    lse_s = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))  # [BLOCK_S]
-    m = tl.max(lse_s, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no visible key at all: every weight is 0
-    w = tl.exp2(lse_s - m_safe)  # [BLOCK_S]
-    total = tl.sum(w, axis=0)
-    o_ptrs = O_PART + (row * num_splits + offs_s[:, None]) * head_dim_v + offs_dv[None, :]
-    o_s = tl.load(o_ptrs, mask=s_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)  # [BLOCK_S, BLOCK_DV]
-    empty = total == 0.0
-    total_safe = tl.where(empty, 1.0, total)
-    out = tl.sum(o_s * w[:, None], axis=0) / total_safe  # [BLOCK_DV]; 0 for rows with no key
-    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(total_safe)) * LN2)
-    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
-             out.to(O.dtype.element_ty), mask=offs_dv < head_dim_v)
-    if STORE_LSE:
-        tl.store(LSE + b * stride_lb + h * stride_lh + i * stride_lm, lse)
+    offs_i64 = offs_i.to(tl.int64)
+    dv_ok = offs_dv[None, :] < head_dim_v
+    if SPLIT:
+        # Partial of this split, rows of the contiguous workspace: [BLOCK_M] row ids, then
+        # o_part[row, split, :] and lse_part[row, split].
+        rows = (b64 * num_heads + offs_h) * seqlen_q + offs_i64
+        o_part = WORKSPACE + (rows * num_splits + split)[:, None] * head_dim_v + offs_dv[None, :]
+        tl.store(o_part, out, mask=row_ok[:, None] & dv_ok)
+        lse_part = WORKSPACE + lse_part_offset + rows * num_splits
+        tl.store(lse_part + split, lse, mask=row_ok)
+        # Every thread's stores come before one thread's release-acquire add (CUTLASS's semaphore
+        # pattern: a CTA barrier, then the release): whoever sees the count reach num_splits - 1
+        # also sees every split's partial.
+        tl.debug_barrier()
+        counter = COUNTERS + bkv * tl.num_programs(2) + tl.program_id(2)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == num_splits - 1:  # the last split of this row block: merge them all
+            _merge_splits(WORKSPACE, O, LSE, b, h_kv, tl.program_id(2) * BLOCK_M, kv_group, q_len, seqlen_q,
+                          num_heads, head_dim_v, num_splits, lse_part_offset,
+                          stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+                          MERGE_M, MERGE_S, BLOCK_DV, STORE_LSE)
+            tl.atomic_xchg(counter, 0)  # ready for the next launch on this stream
+    else:
+        _store_final(O, LSE, out, lse, b64, offs_h, offs_i64, offs_dv, row_ok, head_dim_v,
+                     stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm, STORE_LSE)
 
 
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
 
-_launch_split = CachedLauncher(_decode_split_kernel, num_pointers=8)
-_launch_combine = CachedLauncher(_decode_combine_kernel, num_pointers=4)
+_launch_decode = CachedLauncher(_decode_split_kernel, num_pointers=10)
 
 # Heuristic constants (see decode_splits).
 _PROGRAMS_PER_SM = 2
@@ -296,12 +350,12 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
 
     - If those programs already fill the GPU (>= one per SM), or the cache is short (fewer than
       ``_MIN_SPLIT_BLOCKS`` = 16 key blocks, ~1k keys: a few microseconds of GPU work, where the
-      combine launch and the workspace would cost more host time than the split saves), split
+      workspace and the merge would cost more than the split saves), split
       nothing: 1.
     - Otherwise aim at ``_PROGRAMS_PER_SM`` (2) programs per SM in total, i.e.
       ``ceil(2 * num_sms / (batch * kv_heads))`` splits, while keeping at least
       ``_MIN_BLOCKS_PER_SPLIT`` (4) key blocks per split (the fixed cost of a program and of the
-      combine must stay small next to its streaming), and at most ``_MAX_SPLITS`` (64).
+      merge must stay small next to its streaming), and at most ``_MAX_SPLITS`` (64).
     - The count is then trimmed so no split is empty at ``seqlen_k`` (blocks spread evenly).
     ``batch`` may already include the row blocks of a large GQA group (they are programs too).
     Example (H100, 132 SMs, BLOCK_N = 64): B = 1, Hkv = 8, 8k keys -> 128 blocks, 33 wanted,
@@ -320,9 +374,9 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
 def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flags: tuple,
                  dot_precision: str, store_lse: bool) -> tuple:
     """Per feature combination, computed once: (BLOCK_N, row blocks, BLOCK_DV, num_warps,
-    num_stages, split-kernel constexprs for num_splits > 1, the same for num_splits == 1).
+    num_stages, kernel constexprs for num_splits > 1, the same for num_splits == 1).
     ``store_lse``: whether the caller wants the LSE (the partial LSEs of several splits are
-    always written: the combine reads them).
+    always written: the merge reads them).
 
     BLOCK_M holds the packed rows (group * Sq) up to a cap (more rows take more row blocks). The
     GPU values are untuned first guesses in the spirit of fwd_config (decode is bandwidth bound:
@@ -345,11 +399,16 @@ def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flag
     values = dict(zip(_FLAG_NAMES, flags), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
                   DOT_PRECISION=dot_precision)
-    split = {**values, "FINAL": False, "STORE_LSE": True}
-    final = {**values, "FINAL": True, "STORE_LSE": store_lse}
+    # The merge's tile [MERGE_M, MERGE_S, BLOCK_DV]: the real rows of a row block, and as many
+    # splits as keep it at 8192 fp32 values (64 registers a thread at 4 warps).
+    merge_m = min(block_m, triton.next_power_of_2(max(rows, 1)))
+    # The interpreter merges 2 splits at a time, so its tests (3-12 splits) run several rounds.
+    merge_s = 2 if INTERPRETED else max(1, min(_MAX_SPLITS, 8192 // (merge_m * block_dv)))
+    split = {**values, "SPLIT": True, "STORE_LSE": store_lse, "MERGE_M": merge_m, "MERGE_S": merge_s}
+    single = {**values, "SPLIT": False, "STORE_LSE": store_lse, "MERGE_M": 1, "MERGE_S": 1}
     return (block_n, triton.cdiv(max(rows, 1), block_m), block_dv, warps, stages,
-            tuple(split[n] for n in _launch_split.constexpr_names),
-            tuple(final[n] for n in _launch_split.constexpr_names))
+            tuple(split[n] for n in _launch_decode.constexpr_names),
+            tuple(single[n] for n in _launch_decode.constexpr_names))
 
 
 _FLAG_NAMES = ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_KEY_MASK", "HAS_SEQUSED_K")
@@ -366,7 +425,8 @@ def _num_sms(device) -> int:
 def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int, max_seqlen_k: int,
                  num_seqs: int, sm_scale: float, softcap: float, window_left: int, window_right: int,
                  dot_precision: str, num_splits: int | None = None) -> None:
-    """Split-KV decode forward. Writes ``o`` and ``lse``; allocates only the fp32 split workspace.
+    """Split-KV decode forward. Writes ``o`` and ``lse``; allocates only the fp32 split workspace
+    (and, once per stream, the merge's arrival counters).
 
     Conventions as ``flash_fwd``: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) and
     o (B, Hq, Sq, Dv) are 4-D views with any strides (o may view BSHD memory); lse is a (B, Hq, Sq)
@@ -375,7 +435,7 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
     ``lse`` None: nobody reads it (no autograd, no ``return_lse``): no kernel writes an LSE.
     max_seqlen_q = Sq, max_seqlen_k = Sk, num_seqs = B; causal is window_right = 0.
     ``num_splits``: None = ``decode_splits`` for this device; 1 writes o and lse straight from the
-    split kernel (no workspace, no combine launch). No host sync.
+    kernel (no workspace, no counters). One launch either way; no host sync.
     """
     _, num_heads, _, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[3]
@@ -389,31 +449,58 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
         head_dim, head_dim_v, q.element_size(), kv_group * max_seqlen_q, flags, dot_precision, store_lse)
     if num_splits is None:
         num_splits = decode_splits(num_seqs * row_blocks, num_kv_heads, max_seqlen_k, block_n, _num_sms(q.device))
-    dummy = lse if store_lse else o  # pointer for absent tensors (never read or written)
-    o_st = o.stride()
+    dummy = o  # pointer for absent tensors (never read or written)
     lse_st = lse.stride() if store_lse else (0, 0, 0)
     if num_splits == 1:
-        o_part, lse_part = o, dummy
-        o_strides = (o_st[0], o_st[1], o_st[2], 0, o_st[3])
-        lse_strides = (*lse_st, 0)
+        workspace = counters = dummy
+        lse_part_offset = 0
     else:
-        o_part = torch.empty((num_seqs, num_heads, max_seqlen_q, num_splits, head_dim_v),
-                             device=q.device, dtype=torch.float32)
-        lse_part = torch.empty((num_seqs, num_heads, max_seqlen_q, num_splits), device=q.device, dtype=torch.float32)
-        o_strides, lse_strides = o_part.stride(), lse_part.stride()
-    args = (q, k, v, o_part, lse_part,
-            key_mask if key_mask is not None else dummy, seqused_k if seqused_k is not None else dummy,
-            alibi if alibi is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *o_strides, *lse_strides,
-            *mask_strides(key_mask), *alibi_strides(alibi),
-            max_seqlen_q, max_seqlen_k, num_kv_heads, kv_group, head_dim, head_dim_v, num_splits,
-            sm_scale, softcap, window_left, window_right)
-    _launch_split((num_seqs * num_kv_heads, num_splits, row_blocks), args,
-                  cx_final if num_splits == 1 else cx_split, warps, stages)
-    if num_splits == 1:
-        return
-    block_s = max(2, triton.next_power_of_2(num_splits))
-    _launch_combine((num_seqs * num_heads * max_seqlen_q, 1, 1),
-                    (o_part, lse_part, o, dummy, *o_st, *lse_st,
-                     max_seqlen_q, num_heads, head_dim_v, num_splits),
-                    (block_s, block_dv, store_lse), 4 if block_s * block_dv >= 2048 else 2, 1)
+        rows = num_seqs * num_heads * max_seqlen_q
+        lse_part_offset = rows * num_splits * head_dim_v
+        workspace = torch.empty(lse_part_offset + rows * num_splits, device=q.device, dtype=torch.float32)
+        counters = arrival_counters(q.device, num_seqs * num_kv_heads * row_blocks)
+    _launch_decode(
+        (num_seqs * num_kv_heads, num_splits, row_blocks),
+        (q, k, v, o, lse if store_lse else dummy, workspace, counters,
+         key_mask if key_mask is not None else dummy, seqused_k if seqused_k is not None else dummy,
+         alibi if alibi is not None else dummy,
+         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse_st, *mask_strides(key_mask), *alibi_strides(alibi),
+         max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, kv_group, head_dim, head_dim_v, num_splits,
+         lse_part_offset, sm_scale, softcap, window_left, window_right),
+        cx_final if num_splits == 1 else cx_split, warps, stages)
+
+
+# Arrival counters of the split merge, per (device, stream): every launch leaves them 0, and
+# launches on one stream never overlap, so one buffer per stream serves every call. Replaced
+# buffers are kept alive: a CUDA graph captured earlier may still point at them.
+_COUNTERS: dict = {}
+_RETIRED: list = []
+_MIN_COUNTERS = 4096
+
+
+def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """At least ``needed`` zeroed int32 counters that no concurrent launch uses.
+
+    During CUDA-graph capture: fresh zeros each call (allocated in the graph's pool, zeroed by a
+    captured memset), since a graph may be replayed on any stream, beside eager calls.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(needed, device=device, dtype=torch.int32)
+        key = (device.index, _current_stream(device.index))
+    else:
+        key = (device.type, device.index)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < needed:
+        if counters is not None:
+            _RETIRED.append(counters)
+        size = max(needed, _MIN_COUNTERS, 2 * counters.numel() if counters is not None else 0)
+        counters = _COUNTERS[key] = torch.zeros(size, device=device, dtype=torch.int32)
+    return counters
+
+
+def _current_stream(index: int | None) -> int:
+    """The raw handle of the current CUDA stream (what Triton launches on)."""
+    if index is None:
+        index = torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)

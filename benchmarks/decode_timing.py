@@ -1,0 +1,143 @@
+"""Where the time of one decode call goes: GPU time (L2 flushed or not) versus host time.
+
+``bench_kernels.py`` times a decode call with ``do_bench``, which flushes the L2 cache (a 256 MB
+memset) before each call and reads CUDA events around it. If the host needs longer to issue the call
+than the memset runs, the events measure the host. This probe separates the two:
+
+* ``bench``: ``do_bench`` of the eager call (what bench_kernels reports);
+* ``graph``: ``do_bench`` of a CUDA-graph replay of the same call (one host launch: GPU time, L2 flushed);
+* ``graph_hot``: the same replay in a loop without the flush (GPU time with the K/V cache in L2);
+* ``host_us``: host microseconds per eager call (a loop of calls, no sync inside).
+
+for ours at each ``--splits`` count (``auto`` = the heuristic) and for SDPA's cuDNN and flash backends.
+
+    python -m benchmarks.decode_timing --out decode_timing.json
+"""
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.common import PACKAGE_SOURCE  # before hf_triton_attn: honours HF_TRITON_ATTN_SOURCE
+
+CASES = ((32, 8, 1, 8192), (32, 32, 1, 8192), (32, 8, 1, 2048), (32, 8, 4, 8192))  # (Hq, Hkv, B, cache)
+
+
+def host_us(fn: Callable[[], object], calls: int = 300) -> float:
+    """Host microseconds per call: ``calls`` calls issued back to back, timed without a sync inside."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def graph_of(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured once (after a warm-up on a side stream, as torch recommends)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def hot_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """GPU microseconds per call without an L2 flush (back-to-back replays between two events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls * 1e3
+
+
+def measure(fn: Callable[[], object]) -> dict[str, float]:
+    import triton.testing
+
+    fn()
+    graph = graph_of(fn)
+    return {
+        "bench_us": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3,
+        "graph_us": triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3,
+        "graph_hot_us": hot_us(graph.replay),
+        "host_us": host_us(fn),
+    }
+
+
+def ours_call(q, k, v, splits: str) -> Callable[[], object]:
+    from hf_triton_attn import flash_attention
+    from hf_triton_attn.kernels import decode
+
+    if splits == "auto":
+        return lambda: flash_attention(q, k, v, backend="triton")
+    n = int(splits)
+
+    def call():
+        original = decode.decode_splits
+        decode.decode_splits = lambda *args: n
+        try:
+            return flash_attention(q, k, v, backend="triton")
+        finally:
+            decode.decode_splits = original
+
+    return call
+
+
+def sdpa_call(q, k, v, backend: SDPBackend) -> Callable[[], object]:
+    def call():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--splits", nargs="*", default=["auto", "8", "16", "64"])
+    parser.add_argument("--no-sdpa", action="store_true", help="time ours only")
+    args = parser.parse_args()
+    dtype, d = torch.bfloat16, 128
+    rows = []
+    import hf_triton_attn
+
+    print(f"== {torch.cuda.get_device_name()} | package {hf_triton_attn.__file__} (source {PACKAGE_SOURCE})")
+    print(f"{'Hq:Hkv':>7} {'B':>3} {'cache':>6} {'impl':>12} {'bench':>8} {'graph':>8} {'hot':>8} {'host':>8}  (us)")
+    for hq, hkv, b, cache in CASES:
+        q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
+        k, v = (torch.randn(b, hkv, cache, d, dtype=dtype, device="cuda") for _ in range(2))
+        impls = {f"ours_{s}": ours_call(q, k, v, s) for s in args.splits}
+        if not args.no_sdpa:
+            impls["sdpa_cudnn"] = sdpa_call(q, k, v, SDPBackend.CUDNN_ATTENTION)
+            impls["sdpa_flash"] = sdpa_call(q, k, v, SDPBackend.FLASH_ATTENTION)
+        for name, fn in impls.items():
+            try:
+                row = {"Hq": hq, "Hkv": hkv, "B": b, "cache": cache, "impl": name, **measure(fn)}
+            except Exception as exc:  # a backend that declines this case
+                print(f"{hq:>4}:{hkv:<2} {b:>3} {cache:>6} {name:>12} failed: {type(exc).__name__}: {exc}"[:200])
+                continue
+            rows.append(row)
+            print(f"{hq:>4}:{hkv:<2} {b:>3} {cache:>6} {name:>12} {row['bench_us']:8.1f} {row['graph_us']:8.1f} "
+                  f"{row['graph_hot_us']:8.1f} {row['host_us']:8.1f}")
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "package_source": PACKAGE_SOURCE,
+                                        "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
