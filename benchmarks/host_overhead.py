@@ -114,6 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
 
+    # BERT after unpadding (encoder_unpad): varlen, H12 D64, tiny (256 tokens) so the GPU work stays
+    # below the host time; beside SDPA on the same tokens as one dense (1, 12, 256, 64) batch.
+    tokens = torch.randn(1, 256, 3, h, d, device=dev, dtype=torch.bfloat16)
+    qv, kv, vv = (tokens[:, :, i].transpose(1, 2) for i in range(3))  # (1, H, T, D) views, as HF makes them
+    cu = torch.tensor([0, 64, 128, 192, 256], dtype=torch.int32, device=dev)
+    packed = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
+    rows["sdpa, varlen-sized dense"] = per_call_us(lambda: F.scaled_dot_product_attention(qv, kv, vv), args.calls)
+    rows["flash_attention varlen"] = per_call_us(
+        lambda: flash_attention(packed(qv), packed(kv), packed(vv), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                max_seqlen_q=64, max_seqlen_k=64), args.calls)
+    try:
+        from hf_triton_attn.patches.hf_interface import attention_forward
+
+        class _Encoder(torch.nn.Module):
+            is_causal = False
+
+        encoder = _Encoder()
+        varlen_kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=64, max_length_k=64)
+        hf_varlen = lambda: attention_forward(encoder, qv, kv, vv, None, scaling=d ** -0.5, **varlen_kw)  # noqa: E731
+        rows["hf attention_forward varlen (BERT, unpadded)"] = per_call_us(hf_varlen, args.calls)
+    except ImportError:
+        hf_varlen = None
+
     gpu = {"sdpa": gpu_us(lambda: F.scaled_dot_product_attention(q, k, v)),
            "flash_attention": gpu_us(lambda: flash_attention(q, k, v))}
 
@@ -126,18 +149,34 @@ def main(argv: list[str] | None = None) -> int:
     stream = io.StringIO()
     pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(25)
 
-    print(f"host time per call, B{b} H{h} Sq1 Sk{sk} D{d} bf16 ({args.calls} calls, best of 3):")
+    varlen_profile = ""
+    if hf_varlen is not None:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.calls):
+            hf_varlen()
+        torch.cuda.synchronize()
+        prof.disable()
+        varlen_stream = io.StringIO()
+        pstats.Stats(prof, stream=varlen_stream).sort_stats("tottime").print_stats(25)
+        varlen_profile = varlen_stream.getvalue()
+
+    print(f"host time per call, B{b} H{h} Sq1 Sk{sk} D{d} bf16 ({args.calls} calls, best of 3); varlen rows: "
+          "4 x 64 tokens, H12 D64:")
     for name, us in rows.items():
         print(f"  {name:45s} {us:8.1f} us")
     print("first-call latency (compile, no autotuning): " + ", ".join(f"{n} {t:.2f}" for n, t in first.items()))
     print("GPU time per call (do_bench): " + ", ".join(f"{n} {t:.1f} us" for n, t in gpu.items()))
     print(stream.getvalue())
+    if varlen_profile:
+        print("== cProfile, hf attention_forward varlen")
+        print(varlen_profile)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_overhead.json").write_text(json.dumps(
             {"host_us": rows, "gpu_us": gpu, "first_call_s": first, "device": torch.cuda.get_device_name(),
              "torch": torch.__version__,
-             "profile": stream.getvalue()}, indent=1))
+             "profile": stream.getvalue(), "profile_hf_varlen": varlen_profile}, indent=1))
     return 0
 
 

@@ -178,7 +178,9 @@ def test_one_launch_counters_left_zero(monkeypatch):
     again, _ = run_decode(q, k, v, causal=True, num_splits=7)
     assert torch.equal(first, again)
     run_decode(q, k, v, causal=True, num_splits=1)
-    assert [g[1] for g in grids] == [7, 7, 1] and all(g[2] == 2 for g in grids)
+    assert [g[1] for g in grids] == [7, 7, 1] and len({g[2] for g in grids}) == 1
+    if not ON_GPU:
+        assert grids[0][2] == 2  # BLOCK_M is capped at 16 rows under the interpreter
     counters = [c for c in decode._COUNTERS.values() if c.device.type == q.device.type]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
@@ -202,13 +204,14 @@ def test_decode_splits_heuristic():
     # a full GPU already: no split
     assert decode_splits(17, 8, 8192, 64, 132) == 1
     assert decode_splits(16, 8, 8192, 64, 132) == 3  # 128 programs: 3 splits reach 2 per SM
-    # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), 4 blocks per split allowed (32)
+    # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), trimmed to 32 splits of 4 blocks
     assert decode_splits(1, 8, 8192, 64, 132) == 32
+    assert decode_splits(1, 8, 2048, 64, 132) == 16  # 2 blocks per split allowed
     # short cache (< 16 key blocks): one split, no merge (host time dominates there)
     assert decode_splits(1, 8, 512, 64, 132) == 1
     assert decode_splits(8, 12, 640, 64, 132) == 1  # GPT-2 generate, B = 8
-    # at least 4 key blocks per split
-    assert decode_splits(1, 8, 1024, 64, 132) == 4
+    # at least 2 key blocks per split
+    assert decode_splits(1, 8, 1024, 64, 132) == 8
     assert decode_splits(1, 1, 64, 64, 132) == 1
     assert decode_splits(1, 1, 0, 64, 132) == 1
     for batch, heads, sk in [(1, 1, 10**6), (3, 2, 1000), (2, 4, 4097), (1, 8, 300)]:

@@ -340,7 +340,9 @@ _launch_decode = CachedLauncher(_decode_split_kernel, num_pointers=10)
 
 # Heuristic constants (see decode_splits).
 _PROGRAMS_PER_SM = 2
-_MIN_BLOCKS_PER_SPLIT = 4
+# 2: at B = 1, GQA 32:8, D = 128 and a 2k cache, 16 splits of 2 blocks took 13.8 us against 16.1
+# with 8 splits of 4 (H100, 2026-11-26, benchmarks/decode_timing.py, do_bench with the L2 flushed).
+_MIN_BLOCKS_PER_SPLIT = 2
 _MAX_SPLITS = 64
 _MIN_SPLIT_BLOCKS = 16
 
@@ -354,12 +356,12 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
       nothing: 1.
     - Otherwise aim at ``_PROGRAMS_PER_SM`` (2) programs per SM in total, i.e.
       ``ceil(2 * num_sms / (batch * kv_heads))`` splits, while keeping at least
-      ``_MIN_BLOCKS_PER_SPLIT`` (4) key blocks per split (the fixed cost of a program and of the
+      ``_MIN_BLOCKS_PER_SPLIT`` (2) key blocks per split (the fixed cost of a program and of the
       merge must stay small next to its streaming), and at most ``_MAX_SPLITS`` (64).
     - The count is then trimmed so no split is empty at ``seqlen_k`` (blocks spread evenly).
     ``batch`` may already include the row blocks of a large GQA group (they are programs too).
-    Example (H100, 132 SMs, BLOCK_N = 64): B = 1, Hkv = 8, 8k keys -> 128 blocks, 33 wanted,
-    32 allowed -> 32 splits of 4 blocks: 256 programs.
+    Example (H100, 132 SMs, BLOCK_N = 64): B = 1, Hkv = 8, 8k keys -> 128 blocks, 33 wanted and
+    allowed, trimmed to 32 splits of 4 blocks: 256 programs.
     """
     programs = max(1, batch * kv_heads)
     n_blocks = (max(seqlen_k, 0) + block_n - 1) // block_n
