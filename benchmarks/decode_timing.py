@@ -98,6 +98,49 @@ def ours_call(q, k, v, splits: str) -> Callable[[], object]:
     return call
 
 
+def with_config(block_n: int, warps: int, stages: int):
+    """Make ``flash_decode`` launch with these tile keys / warps / stages (``--sweep``)."""
+    from hf_triton_attn.kernels import decode
+
+    original = decode._decode_meta.__wrapped__
+    names = decode._launch_decode.constexpr_names
+
+    def meta(*args):
+        _, row_blocks, block_dv, _, _, cx_split, cx_single = original(*args)
+        swap = lambda cx: tuple(block_n if n == "BLOCK_N" else x for n, x in zip(names, cx))  # noqa: E731
+        return block_n, row_blocks, block_dv, warps, stages, swap(cx_split), swap(cx_single)
+
+    decode._decode_meta = meta
+
+
+def sweep() -> None:
+    """Decode tile configs x split counts at B = 1 (the latency-bound rows), ours only."""
+    import itertools
+
+    import triton.testing
+
+    dtype, d = torch.bfloat16, 128
+    print(f"{'case':>16} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'bench':>7} {'graph':>7}  (us)")
+    for hq, hkv, b, cache in ((32, 8, 1, 8192), (32, 8, 1, 2048), (32, 32, 1, 8192)):
+        q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
+        k, v = (torch.randn(b, hkv, cache, d, dtype=dtype, device="cuda") for _ in range(2))
+        for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4),
+                                                                ("auto", "16", "64")):
+            with_config(block_n, warps, stages)
+            fn = ours_call(q, k, v, splits)
+            try:
+                fn()
+                graph = graph_of(fn)
+                bench = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+                replay = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3
+            except Exception as exc:  # out of shared memory, say
+                print(f"{hq}:{hkv} B{b} {cache:>6} {block_n:>7} {warps:>5} {stages:>6} {splits:>6} failed: "
+                      f"{type(exc).__name__}"[:160])
+                continue
+            print(f"{hq}:{hkv} B{b} {cache:>6} {block_n:>7} {warps:>5} {stages:>6} {splits:>6} "
+                  f"{bench:7.1f} {replay:7.1f}")
+
+
 def sdpa_call(q, k, v, backend: SDPBackend) -> Callable[[], object]:
     def call():
         with sdpa_kernel(backend):
@@ -111,7 +154,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--splits", nargs="*", default=["auto", "8", "16", "64"])
     parser.add_argument("--no-sdpa", action="store_true", help="time ours only")
+    parser.add_argument("--sweep", action="store_true", help="tile configs x split counts, ours only")
     args = parser.parse_args()
+    if args.sweep:
+        sweep()
+        return
     dtype, d = torch.bfloat16, 128
     rows = []
     import hf_triton_attn

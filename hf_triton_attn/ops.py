@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import threading
 import warnings
 from types import ModuleType
@@ -74,10 +73,11 @@ def _check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.d
 
 def _values_checkable(t: torch.Tensor) -> bool:
     """Value checks read tensor contents: only on CPU or when HF_TRITON_ATTN_VALIDATE=1 (they sync),
-    never while torch.compile traces."""
-    if torch.compiler.is_compiling():
+    never while torch.compile traces. ``is_cpu`` and ``environ_get`` first: on CUDA this costs
+    ~0.3 us instead of ~2.5 (``os.environ.get`` of an unset variable raises and catches a KeyError)."""
+    if not (t.is_cpu or environ_get("HF_TRITON_ATTN_VALIDATE") == "1"):
         return False
-    return t.device.type == "cpu" or os.environ.get("HF_TRITON_ATTN_VALIDATE", "0") == "1"
+    return not torch.compiler.is_compiling()
 
 
 def _is_window(window_size: object) -> bool:
@@ -92,6 +92,35 @@ def _is_window(window_size: object) -> bool:
 def _is_real(x: object) -> bool:
     """An int or float, not a bool (a float first: what every caller passes)."""
     return x.__class__ is float or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attention_mask,
+                       query_mask, segment_ids, device: torch.device) -> None:
+    """The varlen arguments one by one, raising for the first bad one (``_validate`` calls this only
+    when its one-expression check of the valid case fails)."""
+    varlen_args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    missing = [n for n, a in zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
+                                 varlen_args) if a is None]
+    if missing:
+        _fail(ValueError, ", ".join(missing), "given too (varlen needs all four cu_seqlens/max_seqlen)", "None")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            _fail(ValueError, name, "3-D (total_tokens, heads, head_dim) in varlen mode", f"shape {tuple(t.shape)}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, cu, device)
+        if cu.dtype != torch.int32:
+            _fail(TypeError, name, "an int32 tensor", f"dtype {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            _fail(ValueError, name, "1-D of length batch + 1 >= 2", f"shape {tuple(cu.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        _fail(ValueError, "cu_seqlens_k", f"of cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)}",
+              f"shape {tuple(cu_seqlens_k.shape)}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            _fail(TypeError, name, "a Python int >= 0", _describe(m))
+    for name, m in (("attention_mask", attention_mask), ("query_mask", query_mask), ("segment_ids", segment_ids)):
+        if m is not None:
+            _fail(ValueError, name, "None in varlen mode (padding-free batches have no padding)", _describe(m))
 
 
 # Host-time notes (measured on the 2-core CPU box with launches stubbed, Python 3.11): the checks
@@ -141,33 +170,18 @@ def _validate(q, k, v, causal, softmax_scale, dropout_p, attention_mask, query_m
     is_varlen = not (cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None
                      and max_seqlen_k is None)
     if is_varlen:
-        varlen_args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        missing = [n for n, a in zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
-                                     varlen_args) if a is None]
-        if missing:
-            _fail(ValueError, ", ".join(missing), "given too (varlen needs all four cu_seqlens/max_seqlen)",
-                  "None")
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dim() != 3:
-                _fail(ValueError, name, "3-D (total_tokens, heads, head_dim) in varlen mode",
-                      f"shape {tuple(t.shape)}")
-        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-            _check_tensor(name, cu, device)
-            if cu.dtype != torch.int32:
-                _fail(TypeError, name, "an int32 tensor", f"dtype {cu.dtype}")
-            if cu.dim() != 1 or cu.shape[0] < 2:
-                _fail(ValueError, name, "1-D of length batch + 1 >= 2", f"shape {tuple(cu.shape)}")
-        if cu_seqlens_q.shape != cu_seqlens_k.shape:
-            _fail(ValueError, "cu_seqlens_k", f"of cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)}",
-                  f"shape {tuple(cu_seqlens_k.shape)}")
-        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-                _fail(TypeError, name, "a Python int >= 0", _describe(m))
-        for name, m in (("attention_mask", attention_mask), ("query_mask", query_mask),
-                        ("segment_ids", segment_ids)):
-            if m is not None:
-                _fail(ValueError, name, "None in varlen mode (padding-free batches have no padding)",
-                      _describe(m))
+        # The valid case in one expression (attributes read once, as for the dense layout below);
+        # _check_varlen_args names the culprit only when it fails.
+        cu_shape = cu_seqlens_q.shape if isinstance(cu_seqlens_q, torch.Tensor) else None
+        if not (len(q_shape) == 3 and len(k_shape) == 3 and len(v_shape) == 3 and cu_shape is not None
+                and len(cu_shape) == 1 and cu_shape[0] >= 2 and cu_seqlens_q.dtype is torch.int32
+                and cu_seqlens_q.device == device and isinstance(cu_seqlens_k, torch.Tensor)
+                and cu_seqlens_k.shape == cu_shape and cu_seqlens_k.dtype is torch.int32
+                and cu_seqlens_k.device == device and max_seqlen_q.__class__ is int and max_seqlen_q >= 0
+                and max_seqlen_k.__class__ is int and max_seqlen_k >= 0
+                and attention_mask is None and query_mask is None and segment_ids is None):
+            _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attention_mask,
+                               query_mask, segment_ids, device)
         num_seqs = cu_seqlens_q.shape[0] - 1
         total_q, hq, d = q_shape
         total_k, hkv, _ = k_shape
