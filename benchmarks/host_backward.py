@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import PACKAGE_SOURCE  # noqa: F401  (before hf_triton_attn: HF_TRITON_ATTN_SOURCE)
+
 
 class _Identity(torch.autograd.Function):
     @staticmethod
