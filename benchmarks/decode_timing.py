@@ -98,11 +98,14 @@ def ours_call(q, k, v, splits: str) -> Callable[[], object]:
     return call
 
 
+_ORIGINAL_META: dict = {}
+
+
 def with_config(block_n: int, warps: int, stages: int):
     """Make ``flash_decode`` launch with these tile keys / warps / stages (``--sweep``)."""
     from hf_triton_attn.kernels import decode
 
-    original = decode._decode_meta.__wrapped__
+    original = _ORIGINAL_META.setdefault("meta", decode._decode_meta)
     names = decode._launch_decode.constexpr_names
 
     def meta(*args):
