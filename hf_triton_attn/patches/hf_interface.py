@@ -155,11 +155,12 @@ def _fallback_reason(query: torch.Tensor, attention_mask, kwargs: dict) -> str |
     if kwargs:
         if kwargs.get("output_attentions"):
             return "output_attentions=True"
-        extra = kwargs.keys() - _KNOWN_KWARGS
-        if extra:
-            unknown = sorted(k for k in extra if kwargs[k] is not None)
-            if unknown:
-                return f"unsupported argument(s) {', '.join(unknown)}"
+        # A loop, not ``kwargs.keys() - _KNOWN_KWARGS``: torch 2.11's dynamo cannot trace a set
+        # difference of dict keys (InternalTorchDynamoError under transformers' auto-compiled
+        # static-cache generate on CUDA, H100 2026-11-26).
+        unknown = sorted(k for k, value in kwargs.items() if value is not None and k not in _KNOWN_KWARGS)
+        if unknown:
+            return f"unsupported argument(s) {', '.join(unknown)}"
     if attention_mask is not None:
         dim = attention_mask.dim()
         if dim == 3 and query.shape[2] != attention_mask.shape[-1]:
