@@ -318,3 +318,30 @@ def test_long_sequence_forward():
     """S = 1025 crosses many key blocks (interpreted: a few seconds)."""
     q, k, v = make_qkv(1, 1, 1, 1025, 1025, 64, 64, torch.float32)
     check_against_oracle(q, k, v, causal=True, grad=False)
+
+
+@pytest.mark.parametrize("takes_ints", [True, False])
+def test_cached_launch_passes_pointers_as_ints_only_where_the_launcher_takes_them(monkeypatch, takes_ints):
+    """The first cached launch of a process tries the pointer arguments as ints (Triton 3.6's launcher
+    then skips a data_ptr() call and a cuPointerGetAttribute each); a launcher that raises TypeError
+    for them gets the tensors, then and on every later launch."""
+    from hf_triton_attn.kernels import launch
+
+    monkeypatch.setattr(launch, "_INT_POINTERS", [None])
+    calls = []
+
+    class Kernel:
+        def run(self, *args):
+            if not takes_ints and isinstance(args[9], int):
+                raise TypeError("Pointer argument must be either uint64 or have data_ptr method")
+            calls.append(args)
+
+    t = torch.zeros(4)
+    args = (t, None, 7, 0.5)
+    pointers = [t.data_ptr(), None]
+    header = (1, 1, 1, 0, "function", "metadata", None, None, None)
+    for _ in range(2):
+        launch.CachedLauncher._first_int_launch(Kernel(), header, args, pointers, ("C",))
+    assert launch._INT_POINTERS[0] is takes_ints
+    expected = (t.data_ptr(), None, 7, 0.5, "C") if takes_ints else (t, None, 7, 0.5, "C")
+    assert [c[9:] for c in calls] == [expected, expected]

@@ -216,6 +216,10 @@ def _predicted_triton_spec(cls) -> tuple:
     return ("?", None)
 
 
+# Whether the launcher takes pointer arguments as ints: None until the first cached launch tells.
+_INT_POINTERS: list = [None]
+
+
 class CachedLauncher:
     """Launch one ``@triton.jit`` kernel with little host time per call.
 
@@ -271,9 +275,12 @@ class CachedLauncher:
             if _hooks_idle(runtime.launch_enter_hook) and _hooks_idle(runtime.launch_exit_hook):
                 device = torch.cuda.current_device()
                 n = self.num_pointers
+                # Tensors go to the launcher as their addresses: given an int, Triton 3.6's launcher
+                # skips its own data_ptr() call and cuPointerGetAttribute per pointer argument.
+                pointers = [t.data_ptr() if t.__class__ is _TENSOR else t for t in args[:n]]
                 raw = (device, num_warps, num_stages, constexprs, args[n:],
-                       tuple([(t.dtype, t.data_ptr() % 16 == 0) if t.__class__ is _TENSOR else _pointer_class(t)
-                              for t in args[:n]]))
+                       tuple([(t.dtype, p % 16 == 0) if t.__class__ is _TENSOR else _pointer_class(t)
+                              for t, p in zip(args[:n], pointers)]))
                 kernel = self.by_raw.get(raw)
                 if kernel is None:
                     key = (device, num_warps, num_stages, constexprs,
@@ -286,11 +293,30 @@ class CachedLauncher:
                     if len(self.by_raw) >= self._MAX_RAW_KEYS:
                         self.by_raw.clear()
                     self.by_raw[raw] = kernel
-                kernel.run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1,
-                           self._driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
-                           None, None, None, *args, *constexprs)
+                launch = (grid[0], grid[1], grid[2] if len(grid) > 2 else 1,
+                          self._driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
+                          None, None, None)
+                if _INT_POINTERS[0]:
+                    kernel.run(*launch, *pointers, *args[n:], *constexprs)
+                else:
+                    self._first_int_launch(kernel, launch, args, pointers, constexprs)
                 return
         self._slow(grid, args, constexprs, num_warps, num_stages)
+
+    @staticmethod
+    def _first_int_launch(kernel, launch: tuple, args: tuple, pointers: list, constexprs: tuple) -> None:
+        """Launch with the pointers as ints if this Triton's launcher takes them (checked once per
+        process: a launcher that wants tensors raises TypeError before launching), else as tensors."""
+        if _INT_POINTERS[0] is not False:
+            try:
+                kernel.run(*launch, *pointers, *args[len(pointers):], *constexprs)
+                _INT_POINTERS[0] = True
+                return
+            except TypeError:
+                if _INT_POINTERS[0]:  # ints worked before: a real error
+                    raise
+                _INT_POINTERS[0] = False
+        kernel.run(*launch, *args, *constexprs)
 
     def _slow(self, grid, args, constexprs, num_warps, num_stages):
         return self.fn[grid](*args, **dict(zip(self.constexpr_names, constexprs)),
