@@ -139,6 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         hf_varlen = None
 
+    # Pointer arguments as ints vs as tensors (kernels/launch.py), A B A B ... in this process.
+    from hf_triton_attn.kernels import launch
+
+    if launch._INT_POINTERS[0]:
+        cases = {"flash_attention": lambda: flash_attention(q, k, v),
+                 "flash_attention varlen": lambda: flash_attention(
+                     packed(qv), packed(kv), packed(vv), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64,
+                     max_seqlen_k=64)}
+        best: dict[str, float] = {}
+        for _ in range(5):
+            for ints in (False, True):
+                launch._INT_POINTERS[0] = ints
+                for name, fn in cases.items():
+                    label = f"{name}, pointers as {'ints' if ints else 'tensors'}"
+                    best[label] = min(best.get(label, float("inf")), per_call_us(fn, args.calls // 4))
+        launch._INT_POINTERS[0] = True
+        rows.update(best)
+
     gpu = {"sdpa": gpu_us(lambda: F.scaled_dot_product_attention(q, k, v)),
            "flash_attention": gpu_us(lambda: flash_attention(q, k, v))}
 
