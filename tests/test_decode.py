@@ -185,9 +185,9 @@ def test_one_launch_counters_left_zero(monkeypatch):
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
 
-def test_arrival_counters_grow_and_keep_old_buffers():
-    """A call needing more counters than the stream's buffer holds gets a larger, zeroed one; the
-    old buffer stays referenced (a CUDA graph captured earlier may still point at it)."""
+def test_arrival_counters_grow():
+    """A call needing more counters than the stream's buffer holds gets a larger, zeroed one, which
+    later calls of the stream then share."""
     from hf_triton_attn.kernels import decode
 
     device = torch.device(DEVICE)
@@ -196,7 +196,6 @@ def test_arrival_counters_grow_and_keep_old_buffers():
     assert decode.arrival_counters(device, 10) is small
     big = decode.arrival_counters(device, small.numel() + 1)
     assert big.numel() > small.numel() and int(big.abs().sum()) == 0
-    assert any(r is small for r in decode._RETIRED)
     assert decode.arrival_counters(device, 10) is big
 
 

@@ -375,8 +375,8 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
 @functools.lru_cache(maxsize=256)
 def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flags: tuple,
                  dot_precision: str, store_lse: bool) -> tuple:
-    """Per feature combination, computed once: (BLOCK_N, row blocks, BLOCK_DV, num_warps,
-    num_stages, kernel constexprs for num_splits > 1, the same for num_splits == 1).
+    """Per feature combination, computed once: (BLOCK_N, row blocks, num_warps, num_stages,
+    kernel constexprs for num_splits > 1, the same for num_splits == 1).
     ``store_lse``: whether the caller wants the LSE (the partial LSEs of several splits are
     always written: the merge reads them).
 
@@ -408,7 +408,7 @@ def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flag
     merge_s = 2 if INTERPRETED else max(1, min(_MAX_SPLITS, 8192 // (merge_m * block_dv)))
     split = {**values, "SPLIT": True, "STORE_LSE": store_lse, "MERGE_M": merge_m, "MERGE_S": merge_s}
     single = {**values, "SPLIT": False, "STORE_LSE": store_lse, "MERGE_M": 1, "MERGE_S": 1}
-    return (block_n, triton.cdiv(max(rows, 1), block_m), block_dv, warps, stages,
+    return (block_n, triton.cdiv(max(rows, 1), block_m), warps, stages,
             tuple(split[n] for n in _launch_decode.constexpr_names),
             tuple(single[n] for n in _launch_decode.constexpr_names))
 
@@ -447,7 +447,7 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
     flags = (window_left >= 0, window_right >= 0, softcap > 0, alibi is not None, key_mask is not None,
              seqused_k is not None)
     store_lse = lse is not None
-    block_n, row_blocks, block_dv, warps, stages, cx_split, cx_final = _decode_meta(
+    block_n, row_blocks, warps, stages, cx_split, cx_single = _decode_meta(
         head_dim, head_dim_v, q.element_size(), kv_group * max_seqlen_q, flags, dot_precision, store_lse)
     if num_splits is None:
         num_splits = decode_splits(num_seqs * row_blocks, num_kv_heads, max_seqlen_k, block_n, _num_sms(q.device))
@@ -469,14 +469,14 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
          *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse_st, *mask_strides(key_mask), *alibi_strides(alibi),
          max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, kv_group, head_dim, head_dim_v, num_splits,
          lse_part_offset, sm_scale, softcap, window_left, window_right),
-        cx_final if num_splits == 1 else cx_split, warps, stages)
+        cx_single if num_splits == 1 else cx_split, warps, stages)
 
 
 # Arrival counters of the split merge, per (device, stream): every launch leaves them 0, and
-# launches on one stream never overlap, so one buffer per stream serves every call. Replaced
-# buffers are kept alive: a CUDA graph captured earlier may still point at them.
+# launches on one stream never overlap, so one buffer per stream serves every call. A buffer that
+# grows is simply replaced: it was allocated on its stream, so the caching allocator hands its
+# memory only to later work on that stream. Graph captures never see these buffers.
 _COUNTERS: dict = {}
-_RETIRED: list = []
 _MIN_COUNTERS = 4096
 
 
@@ -494,8 +494,6 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
         key = (device.type, device.index)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < needed:
-        if counters is not None:
-            _RETIRED.append(counters)
         size = max(needed, _MIN_COUNTERS, 2 * counters.numel() if counters is not None else 0)
         counters = _COUNTERS[key] = torch.zeros(size, device=device, dtype=torch.int32)
     return counters
