@@ -17,8 +17,10 @@ mostly idle (B = 1, Hq = 32: 32 programs on 132 SMs). Here the keys are split in
    dtype, any strides) and the natural-log LSE with exactly ``_fwd_kernel``'s semantics (-inf
    and output 0 for rows with no visible key), so the regular backward works from them
    unchanged, and sets the counter back to 0. No program ever waits for another.
-   A second combine kernel cost a launch: ~5 us of host time and ~2.5 us of GPU time per call
-   (H100, 2026-11-26; B = 1, 32:8 heads, 8k cache: a call is ~26 us of GPU time).
+   Measured against the former separate combine kernel (H100, 2026-11-26, B = 1, GQA 32:8, 8k
+   cache, benchmarks/decode_timing.py): host time per call 53-58 -> 33-36 us, GPU time (CUDA-graph
+   replay) 26.1 -> 27.2 us: the merge in the last program plus every program's barrier and atomic
+   cost about what the second kernel did; the launch it saves is host time.
 
 With one split, the program writes O and LSE directly (``SPLIT`` off): no workspace, no counter.
 
