@@ -34,7 +34,7 @@ def candidates(kind: str, d: int):
     """A pruned space: block shapes that fit Hopper's shared memory at this head dim."""
     stages = (2, 3, 4) if kind.startswith("fwd") else (2, 3)
     blocks = {
-        "fwd": [(128, 64), (128, 128), (64, 64)],
+        "fwd": [(128, 64), (128, 128), (64, 64), (64, 128)],
         "dkdv": [(32, 128), (64, 128), (32, 64), (64, 64), (128, 64), (128, 128)],
         "dq": [(128, 32), (128, 64), (64, 64), (64, 32)],
     }[kind.removesuffix("_ptr")]
