@@ -92,12 +92,18 @@ def _thread_probe(cases) -> None:
         with torch.no_grad():
             flash_attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1024, max_seqlen_k=1024)
 
+    def on_this_thread(out: list, fn) -> None:
+        # autograd's multithreading switch is thread-local: a fresh thread has it on again, and its
+        # backward would run on the engine's worker (session 5 found the old probe measured that)
+        torch.autograd.set_multithreading_enabled(False)
+        out.append(_per_call_ms(fn)[0])
+
     torch.autograd.set_multithreading_enabled(False)
     try:
         for name, fn in (("varlen fwd+bwd", varlen), ("varlen fwd only", fwd_only)):
             res: list = []
             res.append(_per_call_ms(fn)[0])
-            t = threading.Thread(target=lambda out=res, f=fn: out.append(_per_call_ms(f)[0]))
+            t = threading.Thread(target=on_this_thread, args=(res, fn))
             t.start()
             t.join()
             print(f"  thread probe, {name:16s}: host {res[0]:.3f} ms on the main thread, "
