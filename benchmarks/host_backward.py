@@ -112,6 +112,39 @@ def _thread_probe(cases) -> None:
         torch.autograd.set_multithreading_enabled(True)
 
 
+def _thread_profile(cases) -> None:
+    """``--thread-profile``: cProfile of the varlen fwd+bwd loop, backward on the calling thread, on
+    the main thread and on a fresh Python thread: which entry takes the extra time off the main one."""
+    import threading
+
+    varlen = cases["varlen BERT layer"]["ours"]
+
+    def profiled(out: list) -> None:
+        torch.autograd.set_multithreading_enabled(False)  # thread-local: set in every thread
+        for _ in range(20):
+            varlen()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            varlen()
+        torch.cuda.synchronize()
+        prof.disable()
+        stream = io.StringIO()
+        pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(14)
+        out.append(stream.getvalue())
+
+    res: list = []
+    profiled(res)
+    t = threading.Thread(target=profiled, args=(res,))
+    t.start()
+    t.join()
+    torch.autograd.set_multithreading_enabled(True)
+    for where, text in zip(("main thread", "fresh thread"), res):
+        print(f"== cProfile, varlen fwd+bwd x300, backward on the calling thread, {where}")
+        print(text[:3500])
+
+
 def _thread_parts() -> None:
     """Host time of each piece of our backward path on the main thread and on another Python thread
     (``python -m benchmarks.host_backward --parts``): which piece is slower off the main thread."""
@@ -159,6 +192,9 @@ def main() -> int:
 
     if "--parts" in sys.argv:
         _thread_parts()
+        return 0
+    if "--thread-profile" in sys.argv:
+        _thread_profile(_cases())
         return 0
     from hf_triton_attn.kernels import launch
 
