@@ -96,19 +96,29 @@ def _thread_probe(cases) -> None:
         # autograd's multithreading switch is thread-local: a fresh thread has it on again, and its
         # backward would run on the engine's worker (session 5 found the old probe measured that)
         torch.autograd.set_multithreading_enabled(False)
+        assert not torch._C._is_multithreading_enabled()
         out.append(_per_call_ms(fn)[0])
 
+    from hf_triton_attn.kernels import launch
+
+    real_call = launch.CachedLauncher.__call__
     torch.autograd.set_multithreading_enabled(False)
     try:
-        for name, fn in (("varlen fwd+bwd", varlen), ("varlen fwd only", fwd_only)):
-            res: list = []
-            res.append(_per_call_ms(fn)[0])
-            t = threading.Thread(target=on_this_thread, args=(res, fn))
-            t.start()
-            t.join()
-            print(f"  thread probe, {name:16s}: host {res[0]:.3f} ms on the main thread, "
-                  f"{res[1]:.3f} ms on another Python thread")
+        # Launches stubbed too: pure host time (a loop of real launches turns GPU-bound at this shape).
+        for stubbed in (False, True):
+            launch.CachedLauncher.__call__ = (lambda self, *a, **k: None) if stubbed else real_call
+            for name, fn in (("varlen fwd+bwd", varlen), ("varlen fwd only", fwd_only)):
+                res: list = []
+                for _ in range(2):  # main, thread, main, thread
+                    res.append(_per_call_ms(fn)[0])
+                    t = threading.Thread(target=on_this_thread, args=(res, fn))
+                    t.start()
+                    t.join()
+                label = f"{name}{', stubbed' if stubbed else ''}"
+                print(f"  thread probe, {label:26s}: host {res[0]:.3f} / {res[2]:.3f} ms on the main thread, "
+                      f"{res[1]:.3f} / {res[3]:.3f} ms on a fresh Python thread")
     finally:
+        launch.CachedLauncher.__call__ = real_call
         torch.autograd.set_multithreading_enabled(True)
 
 
