@@ -281,13 +281,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return _eager(module, query, key, value, attention_mask, reason, causal, window, dropout, scaling,
                       **extra, **kwargs)
     dropout, softcap = float(dropout), float(softcap or 0.0)
-    if kwargs.get("cu_seq_lens_q") is not None:
-        common = dict(causal=causal, softmax_scale=scaling, dropout_p=dropout, window_size=window, softcap=softcap)
-        # Padding-free batch (DataCollatorWithFlattening): q is (1, H, total, D); views, no copies.
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None:
+        # Padding-free batch (DataCollatorWithFlattening, or encoder_unpad's packed layers): q is
+        # (1, H, total, D); views, no copies. cu_seq_lens converted only when not int32 already and
+        # the keywords spelled out: 30.3 -> 27.0 us per call (2-core CPU box, launches stubbed).
+        cu_k = kwargs["cu_seq_lens_k"]
         out = flash_attention(
-            _packed(query), _packed(key), _packed(value),
-            cu_seqlens_q=kwargs["cu_seq_lens_q"].to(torch.int32), cu_seqlens_k=kwargs["cu_seq_lens_k"].to(torch.int32),
-            max_seqlen_q=int(kwargs["max_length_q"]), max_seqlen_k=int(kwargs["max_length_k"]), **common)
+            _packed(query), _packed(key), _packed(value), causal=causal, softmax_scale=scaling, dropout_p=dropout,
+            window_size=window, softcap=softcap,
+            cu_seqlens_q=cu_q if cu_q.dtype is torch.int32 else cu_q.to(torch.int32),
+            cu_seqlens_k=cu_k if cu_k.dtype is torch.int32 else cu_k.to(torch.int32),
+            max_seqlen_q=int(kwargs["max_length_q"]), max_seqlen_k=int(kwargs["max_length_k"]))
         return out.unsqueeze(0), None
     if attention_mask is not None and attention_mask.dim() == 3:
         # Packed position_ids without cu_seq_lens: sequence ids per token, dense layout.
