@@ -495,6 +495,7 @@ _flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 
 _BACKEND_ENV = "HF_TRITON_ATTN_BACKEND"
 
+
 def _choose_backend(backend: str | None, t: torch.Tensor) -> str:
     """The backend for a call on ``t``'s device (a tensor: ``t.is_cuda`` is cheaper than ``device.type``)."""
     global _warned_cpu_fallback
