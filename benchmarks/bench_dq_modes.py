@@ -1,9 +1,9 @@
 """Backward with dq in its own kernel ("split") or summed by the dk/dv kernel ("fused": one fp32 TMA
 reduce-add per tile on Hopper), at the kernel grid of issue 5, beside SDPA's flash and cuDNN backends.
 
-    python benchmarks/bench_dq_modes.py [--seqlens 1024,4096] [--dims 64,128] [--dropout 0,0.1]
+    python benchmarks/bench_dq_modes.py [--seqlens 1024,4096] [--dims 64,128] [--dropout 0,0.1] [--dtype bf16]
 
-Prints fwd+bwd ms (median of do_bench, bf16) per mode; the policy in ``kernels/configs.fuse_dq``
+Prints fwd+bwd ms (median of do_bench) per mode; the policy in ``kernels/configs.fuse_dq``
 comes from this table.
 """
 
@@ -44,9 +44,12 @@ def sdpa(q, k, v, causal, p):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
 
 
-def row(d: int, s: int, causal: bool, p: float) -> str:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def row(d: int, s: int, causal: bool, p: float, dtype: torch.dtype) -> str:
     b, h = 16384 // s, 2048 // d
-    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     times = []
     for mode in MODES:
         os.environ["HF_TRITON_ATTN_DQ"] = mode
@@ -66,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqlens", default="1024,4096")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--dropout", default="0,0.1")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     args = ap.parse_args(argv)
     print(meta_title(collect_meta("cuda")))
     print(f"{'D':>4} {'S':>6} {'causal':>6} {'p':>4} | " + " ".join(f"{m:>8}" for m in (*MODES, "fa2", "cudnn"))
-          + "   (ms, fwd+bwd, bf16)")
+          + f"   (ms, fwd+bwd, {args.dtype})")
     for d, s, causal, p in itertools.product([int(x) for x in args.dims.split(",")],
                                              [int(x) for x in args.seqlens.split(",")], (False, True),
                                              [float(x) for x in args.dropout.split(",")]):
-        print(row(d, s, causal, p), flush=True)
+        print(row(d, s, causal, p, DTYPES[args.dtype]), flush=True)
     return 0
 
 

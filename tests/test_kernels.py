@@ -313,6 +313,36 @@ def test_dq_mode_environment_override(monkeypatch):
         out.sum().backward()
 
 
+def _cu(lens: list) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["varlen-empty", "seqused_k", "many-query-blocks"])
+def test_fused_dq_finishes_every_query_block(monkeypatch, case, causal):
+    """The fused backward writes dq from the dk/dv programs' arrival counters: every query block must
+    be finished exactly once after all its adds, also for a sequence without keys (only the first key
+    block's program arrives), keys cut by seqused_k, and more query blocks than one vector of
+    counters (> 128 blocks). Outputs are NaN-poisoned, so a block never finished fails."""
+    monkeypatch.setenv("HF_TRITON_ATTN_DQ", "fused")
+    launches = _count_dq_launches(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    if case == "varlen-empty":
+        lens_q, lens_k = [5, 0, 40, 7, 33], [0, 3, 50, 33, 70]
+        q, k, v = (torch.randn(sum(n), 4, 16, generator=g).to(DEVICE).requires_grad_()
+                   for n in (lens_q, lens_k, lens_k))
+        kw = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    elif case == "seqused_k":
+        q, k, v = make_qkv(3, 4, 2, 45, 70, 16, 16, torch.float32)
+        kw = dict(seqused_k=torch.tensor([0, 38, 70], dtype=torch.int32, device=DEVICE))
+    else:  # 32-row query blocks in the interpreter, 64 on the GPU
+        q, k, v = make_qkv(1, 1, 1, 129 * 64 + 5, 40, 16, 16, torch.float32)
+        kw = {}
+    check_against_oracle(q, k, v, causal=causal, **kw)
+    assert launches == []
+
+
 @pytest.mark.slow
 def test_long_sequence_forward():
     """S = 1025 crosses many key blocks (interpreted: a few seconds)."""
