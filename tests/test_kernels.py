@@ -320,10 +320,10 @@ def _cu(lens: list) -> torch.Tensor:
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", ["varlen-empty", "seqused_k", "many-query-blocks"])
 def test_fused_dq_finishes_every_query_block(monkeypatch, case, causal):
-    """The fused backward writes dq from the dk/dv programs' arrival counters: every query block must
-    be finished exactly once after all its adds, also for a sequence without keys (only the first key
-    block's program arrives), keys cut by seqused_k, and more query blocks than one vector of
-    counters (> 128 blocks). Outputs are NaN-poisoned, so a block never finished fails."""
+    """The fused backward (dq summed by the dk/dv programs) writes every query block's dq, also for a
+    sequence without keys (no dk/dv program adds to it), keys cut by seqused_k, and more than 128 query
+    blocks (a variant that finished dq inside the dk/dv kernel counted arrivals in vectors of 128;
+    benchmarks/NOTES.md, session 6). Outputs are NaN-poisoned, so a block never written fails."""
     monkeypatch.setenv("HF_TRITON_ATTN_DQ", "fused")
     launches = _count_dq_launches(monkeypatch)
     g = torch.Generator().manual_seed(5)

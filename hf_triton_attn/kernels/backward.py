@@ -12,8 +12,6 @@ GQA group, so dk/dv are reduced over the group in registers, without atomics. dq
 separate kernel over query blocks (bitwise deterministic), or, where ``configs.fuse_dq`` measured it
 faster (D <= 64 with causal or dropout), summed by the dk/dv programs into an fp32 buffer with one
 TMA reduce-add per tile (``FUSE_DQ``): P, dP and the dropout mask are then computed once, not twice.
-The program that adds last to a query block (per-block arrival counters) scales it into dq, so no
-separate pass reads the fp32 sums back from memory.
 """
 
 import functools
@@ -98,59 +96,10 @@ def _load_lse2(lse_ptrs, mask):
 
 
 @triton.jit
-def _wait_bulk_writes(x):
-    """Wait until this thread's TMA bulk reduce-adds are complete in global memory. Triton's own wait
-    after a descriptor atomic_add (``cp.async.bulk.wait_group.read 0``) only waits until the shared-memory
-    source was read; another program may read the sums only after ``wait_group 0``. ``x`` is a dummy."""
-    return tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _dq_arrive_and_finish(
-    dq_acc_base, dq_base, counters, target, q_len, head_dim, sm_scale,
-    stride_accm, stride_accd, stride_dqm, stride_dqd,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FUSE_DQ: tl.constexpr,
-):
-    """This program's dq / scale sums for one query head are all added: count it in every query
-    block's arrival counter; the program that arrives last at a block (``target`` programs add to
-    each) reads the block's fp32 sum from L2 and writes ``dq = sum * sm_scale`` in dq's dtype.
-
-    Every program arrives at every query block of the head, whether it added to it or not, so the
-    count needs no inverse of the mask's block ranges. Ordering: this program's adds complete
-    (``_wait_bulk_writes`` for TMA reduces; pointer atomics are performed at L2), a CTA barrier, then
-    each counter's ``atom.acq_rel`` releases them; the last arriver's acquire plus the barrier of the
-    reduction that follows order its loads (``.cg``: L2, never a stale L1 line) after all of them."""
-    ARRIVE_CHUNK: tl.constexpr = 128
-    if FUSE_DQ == 2:
-        _wait_bulk_writes(tl.zeros([1], dtype=tl.int32))
-    tl.debug_barrier()
-    num_blocks = tl.cdiv(q_len, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    for c in range(0, num_blocks, ARRIVE_CHUNK):
-        idx = c + tl.arange(0, ARRIVE_CHUNK)
-        in_seq = idx < num_blocks
-        old = tl.atomic_add(counters + idx, 1, mask=in_seq, sem="acq_rel")
-        won = in_seq & (old == target - 1)  # [ARRIVE_CHUNK]: blocks this program finishes
-        n_won = tl.sum(won.to(tl.int32), axis=0)
-        while n_won > 0:
-            m = tl.min(tl.where(won, idx, num_blocks), axis=0)
-            won = won & (idx != m)
-            n_won -= 1
-            offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-            rows = offs_m.to(tl.int64)
-            tile_ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
-            acc = tl.load(dq_acc_base + rows[:, None] * stride_accm + offs_d[None, :] * stride_accd,
-                          mask=tile_ok, other=0.0, cache_modifier=".cg")  # [BLOCK_M, BLOCK_D]
-            tl.store(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                     (acc * sm_scale).to(dq_base.dtype.element_ty), mask=tile_ok)
-
-
-@triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, key_ok,
-    q_base, do_base, lse_base, delta_base, q_desc, do_desc, acc_base, acc_desc, b, h,
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_accm, stride_accd,
+    q_base, do_base, lse_base, delta_base, q_desc, do_desc, dq_base, dq_desc, b, h,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
     start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v,
     q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
     seed, rng_offset, bh, dropout_p,
@@ -211,9 +160,9 @@ def _bwd_dkdv_inner(
             # this key block's share of dQ / scale = dS K  [BLOCK_M, BLOCK_D], added in fp32 in memory
             dq_part = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             if FUSE_DQ == 2:  # one TMA reduce of the whole tile; rows past Sq are clipped by the descriptor
-                acc_desc.atomic_add([b, h, start_m, 0], dq_part.reshape([1, 1, BLOCK_M, BLOCK_D]))
+                dq_desc.atomic_add([b, h, start_m, 0], dq_part.reshape([1, 1, BLOCK_M, BLOCK_D]))
             else:
-                tl.atomic_add(acc_base + rows[:, None] * stride_accm + offs_d[None, :] * stride_accd, dq_part,
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq_part,
                               mask=row_ok[:, None] & (offs_d[None, :] < head_dim), sem="relaxed")
     return dk, dv
 
@@ -223,8 +172,8 @@ def _bwd_dkdv_inner(
 # fuzz, 2026-11-26; reproduced on CPU by scripts/aot_compile.py, whose matrix now has that case).
 @triton.jit(do_not_specialize=["seqlen_q"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ACC, COUNTERS,
-    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, Q_DESC, DO_DESC, ACC_DESC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+    KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, Q_DESC, DO_DESC, DQ_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -232,7 +181,6 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_accb, stride_acch, stride_accm, stride_accd,
     stride_lb, stride_lh, stride_lm,
     stride_kmb, stride_kmn, stride_segb, stride_segk, stride_ab, stride_ah,
     seqlen_q, seqlen_k, num_heads, kv_group, head_dim, head_dim_v,
@@ -249,12 +197,7 @@ def _bwd_dkdv_kernel(
     h_kv = bhk % num_kv_heads
     q_start, q_len, k_start, k_len, k_rows = seq_bounds(
         b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
-    # With FUSE_DQ every query block needs at least one arrival to get its dq written, so the first
-    # key block's program runs even for a sequence without keys (it adds nothing).
-    k_programs_end = k_rows
-    if FUSE_DQ != 0:
-        k_programs_end = tl.maximum(k_rows, 1)
-    if start_n >= k_programs_end:
+    if start_n >= k_rows:
         return
     b64 = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -297,52 +240,46 @@ def _bwd_dkdv_kernel(
         start_n, q_len, k_len, window_left, window_right,
         seg_min_start, seg_max_start, seg_min_end, seg_max_end,
         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
-    for g in range(0, kv_group):
-        h = h_kv * kv_group + g
-        bh = b * num_heads + h
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(ALIBI + b64 * stride_ab + h * stride_ah).to(tl.float32)
-        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
-        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
-        lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
-        delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
-        acc_base = DQ_ACC + b64 * stride_accb + h.to(tl.int64) * stride_acch + q_start * stride_accm
-        h_lo, h_mid_lo, h_mid_hi, h_hi = lo, mid_lo, mid_hi, hi
-        if HAS_QUERY_MASK:  # padded query rows: visit only blocks between the first and last live row
-            q_first, q_end = lse_extent(lse_base, stride_lm, q_len, EXTENT_CHUNK)
-            h_lo, h_mid_lo, h_mid_hi, h_hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, q_first, q_end, BLOCK_M)
-        if live:
+    if live:
+        for g in range(0, kv_group):
+            h = h_kv * kv_group + g
+            bh = b * num_heads + h
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(ALIBI + b64 * stride_ab + h * stride_ah).to(tl.float32)
+            q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+            do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
+            lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+            delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+            dq_base = DQ_ACC + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm
+            h_lo, h_mid_lo, h_mid_hi, h_hi = lo, mid_lo, mid_hi, hi
+            if HAS_QUERY_MASK:  # padded query rows: visit only blocks between the first and last live row
+                q_first, q_end = lse_extent(lse_base, stride_lm, q_len, EXTENT_CHUNK)
+                h_lo, h_mid_lo, h_mid_hi, h_hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, q_first, q_end, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, acc_base, ACC_DESC, b, h,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_accm, stride_accd,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, dq_base, DQ_DESC, b, h,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_lo, h_mid_lo,
                 True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION, FUSE_DQ)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, acc_base, ACC_DESC, b, h,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_accm, stride_accd,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, dq_base, DQ_DESC, b, h,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_lo, h_mid_hi,
                 False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION, FUSE_DQ)
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, acc_base, ACC_DESC, b, h,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_accm, stride_accd,
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, dq_base, DQ_DESC, b, h,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
                 start_n, offs_n, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
                 window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, h_mid_hi, h_hi,
                 True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_KEY_MASK,
                 HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION, FUSE_DQ)
-        if FUSE_DQ != 0:  # this head's dq sums of this program are complete: count them, maybe finish dq
-            _dq_arrive_and_finish(
-                acc_base, DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm,
-                COUNTERS + bh.to(tl.int64) * tl.cdiv(seqlen_q, BLOCK_M), tl.cdiv(k_programs_end, BLOCK_N),
-                q_len, head_dim, sm_scale, stride_accm, stride_accd, stride_dqm, stride_dqd,
-                BLOCK_M, BLOCK_D, FUSE_DQ)
 
     dk = dk * sm_scale
     store_ok = offs_n < k_rows
@@ -517,7 +454,7 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=4)
-_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=21)
+_launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=19)
 _launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=16)
 _DELTA_BLOCK = 64
 
@@ -580,8 +517,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
     The streamed tiles (q and dO in dk/dv, k and v in dq) are read through TMA descriptors where
     ``launch.tma_can_read`` accepts all four (``use_tma`` False: never, for comparisons).
     dq: its own kernel, or, where ``configs.fuse_dq`` says it is faster, accumulated by the dk/dv
-    kernel into a zeroed fp32 buffer (allocated here) and scaled into ``dq`` by the last program to add
-    to each query block: not bitwise reproducible,
+    kernel into an fp32 buffer (allocated here, then scaled into ``dq``): not bitwise reproducible,
     so never with ``deterministic``. ``dq_mode`` ("split" | "fused", else the environment variable
     ``HF_TRITON_ATTN_DQ``, else the policy) forces one, for tests and benchmarks.
     """
@@ -606,38 +542,32 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
         tuple(sorted(config.items())) if config else None, tuple(sorted(config_dq.items())) if config_dq else None,
         tma, fused)
     q_desc, do_desc = tma_descriptors(q, do, dkdv_block_m) if tma else (None, None)
-    dq_acc = acc_desc = counters = None
-    k_extent = max_seqlen_k
+    dq_acc = dq_desc = None
     if fused:
-        # One zero-filled allocation: dq / scale summed over key blocks (fp32, q's shape), then one int32
-        # arrival counter per (sequence, query head, query block) for the in-kernel finish.
-        n_acc = q.numel()
-        n_counters = num_seqs * num_heads * -(-max_seqlen_q // dkdv_block_m)
-        buf = torch.zeros(n_acc + n_counters, device=q.device, dtype=torch.float32)
-        dq_acc, counters = buf[:n_acc].view(q_shape), buf[n_acc:].view(torch.int32)
+        dq_acc = torch.zeros(q_shape, device=q.device, dtype=torch.float32)  # dq / scale, summed over key blocks
         if fused == _DQ_TMA_REDUCE:
-            acc_desc = tma_descriptor(dq_acc, dkdv_block_m)
-        k_extent = max(max_seqlen_k, 1)  # the first key block's program finishes dq even without keys
+            dq_desc = tma_descriptor(dq_acc, dkdv_block_m)
     k_desc, v_desc = tma_descriptors(k, v, dq_block_n) if tma and not fused else (None, None)
     optional = [ptr_or(t, lse) for t in (key_mask, segments, seqused_k, cu_seqlens_q, cu_seqlens_k, alibi, rng)]
     km_strides, ab_strides = mask_strides(key_mask) + segment_strides(segments), alibi_strides(alibi)
     scalars = (max_seqlen_q, max_seqlen_k, num_heads, num_heads // num_kv_heads, head_dim, head_dim_v,
                sm_scale, softcap, window_left, window_right, dropout_p)
-    q_st, k_st, v_st, do_st, o_st, dk_st, dv_st, dq_st = [bhsd_strides(t, vl) for t in (q, k, v, do, o, dk, dv, dq)]
+    q_st, k_st, v_st, do_st, o_st, dk_st, dv_st = [bhsd_strides(t, vl) for t in (q, k, v, do, o, dk, dv)]
     lse_st = rows_strides(lse, vl)
     _launch_delta(
         tile_grid(max_seqlen_q, _DELTA_BLOCK, num_seqs * num_heads),
         (o, do, delta, optional[3], *o_st, *do_st, *rows_strides(delta, vl), max_seqlen_q, num_heads,
          head_dim_v), delta_cx, 4, 1)
     _launch_dkdv(
-        tile_grid(k_extent, dkdv_block_n, num_seqs * num_kv_heads),
-        (q, k, v, do, lse, delta, dk, dv, dq, ptr_or(dq_acc, lse), ptr_or(counters, lse), *optional,
-         q_desc, do_desc, acc_desc, *q_st, *k_st, *v_st, *do_st, *dk_st, *dv_st, *dq_st,
+        tile_grid(max_seqlen_k, dkdv_block_n, num_seqs * num_kv_heads),
+        (q, k, v, do, lse, delta, dk, dv, ptr_or(dq_acc, lse), *optional, q_desc, do_desc, dq_desc, *q_st, *k_st,
+         *v_st, *do_st, *dk_st, *dv_st,
          *(bhsd_strides(dq_acc, vl) if fused else (0, 0, 0, 0)), *lse_st, *km_strides, *ab_strides, *scalars),
         dkdv_cx, dkdv_warps, dkdv_stages)
-    if fused:  # the dk/dv programs wrote dq
+    if fused:
+        torch.mul(dq_acc, sm_scale, out=dq)
         return
     _launch_dq(
         tile_grid(max_seqlen_q, dq_block_m, num_seqs * num_heads),
-        (q, k, v, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *do_st, *dq_st,
+        (q, k, v, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *do_st, *bhsd_strides(dq, vl),
          *lse_st, *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)
