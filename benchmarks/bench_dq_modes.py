@@ -2,6 +2,7 @@
 reduce-add per tile on Hopper), at the kernel grid of issue 5, beside SDPA's flash and cuDNN backends.
 
     python benchmarks/bench_dq_modes.py [--seqlens 1024,4096] [--dims 64,128] [--dropout 0,0.1] [--dtype bf16]
+        [--layout bhsd|hf]
 
 Prints fwd+bwd ms (median of do_bench) per mode; the policy in ``kernels/configs.fuse_dq``
 comes from this table.
@@ -47,9 +48,14 @@ def sdpa(q, k, v, causal, p):
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def row(d: int, s: int, causal: bool, p: float, dtype: torch.dtype) -> str:
+def row(d: int, s: int, causal: bool, p: float, dtype: torch.dtype, layout: str) -> str:
+    """``layout`` "hf": (B, S, H, D) contiguous viewed as (B, H, S, D), as Hugging Face models pass them."""
     b, h = 16384 // s, 2048 // d
-    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    if layout == "hf":
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+    else:
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     times = []
     for mode in MODES:
         os.environ["HF_TRITON_ATTN_DQ"] = mode
@@ -70,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--dropout", default="0,0.1")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--layout", default="bhsd", choices=("bhsd", "hf"))
     args = ap.parse_args(argv)
     print(meta_title(collect_meta("cuda")))
     print(f"{'D':>4} {'S':>6} {'causal':>6} {'p':>4} | " + " ".join(f"{m:>8}" for m in (*MODES, "fa2", "cudnn"))
-          + f"   (ms, fwd+bwd, {args.dtype})")
+          + f"   (ms, fwd+bwd, {args.dtype}, {args.layout} layout)")
     for d, s, causal, p in itertools.product([int(x) for x in args.dims.split(",")],
                                              [int(x) for x in args.seqlens.split(",")], (False, True),
                                              [float(x) for x in args.dropout.split(",")]):
-        print(row(d, s, causal, p, DTYPES[args.dtype]), flush=True)
+        print(row(d, s, causal, p, DTYPES[args.dtype], args.layout), flush=True)
     return 0
 
 

@@ -1,10 +1,12 @@
 """Per-kernel GPU time of a few attention calls (torch.profiler), to see where a fwd+bwd goes.
 
-    python -m benchmarks.profile_kernels [--out DIR]
+    python -m benchmarks.profile_kernels [--out DIR] [--cases SUBSTRING,...]
 
 Cases: the BERT-like padded batch of bench_kernels (B=32, H=12, S=512, D=64, bf16) dense, with a
 key+query mask at 26% and 100% fill, and packed (varlen) at 26%; the dropout shape (B=16, H=32,
-S=1024, D=64) at p = 0 and 0.1. For each: CUDA time per iteration of every kernel and the host time
+S=1024, D=64) at p = 0 and 0.1; causal B=16, H=32, S=1024, D=64 fp16 for ours and SDPA's flash
+backend (FA2) in the Hugging Face layout ((B, S, H, D) transposed) and contiguous (B, H, S, D).
+For each: CUDA time per iteration of every kernel and the host time
 per iteration. Writes profile_kernels.txt.
 """
 
@@ -52,19 +54,51 @@ def cases():
     q2, k2, v2 = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
     for p in (0.0, 0.1):
         yield f"dropout {p} B16 H32 S1024 D64", lambda p=p: flash_attention(q2, k2, v2, dropout_p=p), q2
+    yield from layout_cases()
+
+
+def layout_cases():
+    """Causal D=64 S=1024 fp16 fwd+bwd, ours and FA2, in both layouts: where does each spend its time."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_triton_attn import flash_attention
+
+    b, h, s, d = 16, 32, 1024, 64
+    for layout in ("hf", "bhsd"):
+        shape = (b, s, h, d) if layout == "hf" else (b, h, s, d)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
+        if layout == "hf":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        leaves = tuple(t.requires_grad_() for t in (q, k, v))
+
+        def fa2(q=q, k=k, v=v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        def ours(q=q, k=k, v=v):
+            return flash_attention(q, k, v, causal=True)
+        yield f"causal S1024 D64 fp16 {layout} ours", ours, leaves
+        yield f"causal S1024 D64 fp16 {layout} sdpa_flash", fa2, leaves
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--cases", default="", help="comma list of substrings: only cases whose name has one")
     args = parser.parse_args(argv)
+    wanted = [w for w in args.cases.split(",") if w]
     lines = [f"{torch.cuda.get_device_name()} | torch {torch.__version__}"]
-    for name, fn, leaf in cases():
-        def step(fn=fn, leaf=leaf):
+    for name, fn, leaves in cases():
+        if wanted and not any(w in name for w in wanted):
+            continue
+        leaves = leaves if isinstance(leaves, tuple) else (leaves,)
+
+        def step(fn=fn, leaves=leaves):
             out = fn()
             out.backward(torch.ones_like(out))
-            leaf.grad = None
+            for leaf in leaves:
+                leaf.grad = None
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -77,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted(((getattr(e, "self_device_time_total", 0) / args.iters, e.key) for e in events), reverse=True)
         total = sum(t for t, _ in rows)
         lines.append(f"== {name}: GPU {total / 1000:.3f} ms per fwd+bwd")
-        lines += [f"   {t / 1000:8.3f} ms  {key[:90]}" for t, key in rows[:6] if t > 0]
+        lines += [f"   {t / 1000:8.3f} ms  {key[:90]}" for t, key in rows[:8] if t > 0]
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
