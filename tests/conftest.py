@@ -37,4 +37,12 @@ def poison(monkeypatch):
 
     for name in ("_empty_out", "_empty_lse", "_empty_grad"):
         monkeypatch.setattr(ops, name, poisoned(getattr(ops, name)))
+    from hf_triton_attn.kernels import backward
+
+    real_sums = backward._dq_sums
+
+    def poisoned_sums(q, zeroed):  # the delta kernel must zero what is not zeroed here
+        t = real_sums(q, zeroed)
+        return t if zeroed else t.fill_(float("nan"))
+    monkeypatch.setattr(backward, "_dq_sums", poisoned_sums)
     yield

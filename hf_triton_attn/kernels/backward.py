@@ -56,14 +56,18 @@ from .launch import (
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA, CU_SEQLENS_Q,
+    O, DO, DELTA, DQ_ACC, CU_SEQLENS_Q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
-    seqlen_q, num_heads, head_dim_v,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    stride_accb, stride_acch, stride_accm, stride_accd,
+    seqlen_q, num_heads, head_dim, head_dim_v,
+    IS_VARLEN: tl.constexpr, ZERO_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32."""
+    """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32; with ZERO_ACC also zeroes the
+    rows' fp32 dq sums of the fused backward (FlashAttention-2's preprocess does the same): one pass
+    that reads 2 and writes 4 bytes per element instead of a separate memset launch."""
     start_m, bh = program_tile(seqlen_q, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads
@@ -86,6 +90,11 @@ def _bwd_delta_kernel(
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows * stride_lm, tl.sum(o * do, axis=1),
              mask=offs_m < q_len)
+    if ZERO_ACC:
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(DQ_ACC + b64 * stride_accb + h * stride_acch + rows[:, None] * stride_accm
+                 + offs_d[None, :] * stride_accd, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                 mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim))
 
 
 @triton.jit
@@ -453,13 +462,19 @@ def _bwd_dq_kernel(
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-_launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=4)
+_launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=5)
 _launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=19)
 _launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=16)
 _DELTA_BLOCK = 64
 
 
 _DQ_SPLIT, _DQ_ATOMIC, _DQ_TMA_REDUCE = 0, 1, 2  # FUSE_DQ values
+
+
+def _dq_sums(q: torch.Tensor, zeroed: bool) -> torch.Tensor:
+    """fp32 buffer for the fused backward's dq sums, in q's layout; zero-filled here if ``zeroed``,
+    else the delta kernel zeroes it (the tests' poison fixture fills that case with NaN)."""
+    return (torch.zeros_like if zeroed else torch.empty_like)(q, dtype=torch.float32)
 
 
 def _dq_mode(requested: str | None, deterministic: bool, tma: bool, head_dim: int, head_dim_v: int,
@@ -493,7 +508,10 @@ def _bwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_
     cfg_dq = dict(config_dq) if config_dq else dq_config(block_d, block_dv, elem_size, tma=use_tma)
     common = dict(zip(FLAG_NAMES, flags), BLOCK_D=block_d, BLOCK_DV=block_dv, USE_TMA=use_tma,
                   DOT_PRECISION=dot_precision)
-    delta = dict(IS_VARLEN=common["IS_VARLEN"], BLOCK_M=_DELTA_BLOCK, BLOCK_DV=block_dv)
+    # dense: the delta kernel zeroes the fused dq sums (varlen: rows outside every sequence would be
+    # missed, so torch.zeros does it)
+    delta = dict(IS_VARLEN=common["IS_VARLEN"], ZERO_ACC=bool(fused_dq) and not common["IS_VARLEN"],
+                 BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d, BLOCK_DV=block_dv)
     dkdv = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FUSE_DQ=fused_dq)
     dq = dict(common, BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"])
     return (tuple(delta[n] for n in _launch_delta.constexpr_names),
@@ -544,7 +562,11 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
     q_desc, do_desc = tma_descriptors(q, do, dkdv_block_m) if tma else (None, None)
     dq_acc = dq_desc = None
     if fused:
-        dq_acc = torch.zeros(q_shape, device=q.device, dtype=torch.float32)  # dq / scale, summed over key blocks
+        # dq / scale, summed over key blocks, in q's layout (empty_like keeps a dense q's strides): the
+        # final scale into dq (same layout) is then one contiguous pass. A transposed (B, S, H, D) q
+        # with a (B, H, S, D) buffer made it a strided one: 0.141 vs 0.074 ms, H100, causal B16 H32
+        # S1024 D64 fp16 (benchmarks/profile_kernels.py, results/2026-11-26_h100_session6_run2_*).
+        dq_acc = _dq_sums(q, zeroed=vl)
         if fused == _DQ_TMA_REDUCE:
             dq_desc = tma_descriptor(dq_acc, dkdv_block_m)
     k_desc, v_desc = tma_descriptors(k, v, dq_block_n) if tma and not fused else (None, None)
@@ -554,15 +576,15 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
                sm_scale, softcap, window_left, window_right, dropout_p)
     q_st, k_st, v_st, do_st, o_st, dk_st, dv_st = [bhsd_strides(t, vl) for t in (q, k, v, do, o, dk, dv)]
     lse_st = rows_strides(lse, vl)
+    acc_st = bhsd_strides(dq_acc, vl) if fused else (0, 0, 0, 0)
     _launch_delta(
         tile_grid(max_seqlen_q, _DELTA_BLOCK, num_seqs * num_heads),
-        (o, do, delta, optional[3], *o_st, *do_st, *rows_strides(delta, vl), max_seqlen_q, num_heads,
-         head_dim_v), delta_cx, 4, 1)
+        (o, do, delta, ptr_or(dq_acc, lse), optional[3], *o_st, *do_st, *rows_strides(delta, vl), *acc_st,
+         max_seqlen_q, num_heads, head_dim, head_dim_v), delta_cx, 4, 1)
     _launch_dkdv(
         tile_grid(max_seqlen_k, dkdv_block_n, num_seqs * num_kv_heads),
         (q, k, v, do, lse, delta, dk, dv, ptr_or(dq_acc, lse), *optional, q_desc, do_desc, dq_desc, *q_st, *k_st,
-         *v_st, *do_st, *dk_st, *dv_st,
-         *(bhsd_strides(dq_acc, vl) if fused else (0, 0, 0, 0)), *lse_st, *km_strides, *ab_strides, *scalars),
+         *v_st, *do_st, *dk_st, *dv_st, *acc_st, *lse_st, *km_strides, *ab_strides, *scalars),
         dkdv_cx, dkdv_warps, dkdv_stages)
     if fused:
         torch.mul(dq_acc, sm_scale, out=dq)
