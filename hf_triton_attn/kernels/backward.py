@@ -310,7 +310,8 @@ def _bwd_dq_inner(
     USE_TMA: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):  # clamped to the key mask's extent by the caller
@@ -322,10 +323,12 @@ def _bwd_dq_inner(
         # K [BLOCK_N, BLOCK_D], V [BLOCK_N, BLOCK_DV]
         if USE_TMA:
             # Rows in [k_len, Sk) (seqused_k) are real memory: zeroed, since ds = 0 there would not
-            # cancel a NaN in K (dq += ds K) or V (dp = dO V^T) as the masked loads' zeros do.
+            # cancel a NaN in K (dq += ds K) or V (dp = dO V^T) as the masked loads' zeros do. Rows
+            # past Sk arrive as zeros, so without seqused_k there is nothing to zero (the selects
+            # round-trip the tiles through registers).
             k = k_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_D])
             v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
-            if MASKED:
+            if MASKED and HAS_SEQUSED_K:
                 k = tl.where(n_ok[:, None], k, 0.0)
                 v = tl.where(n_ok[:, None], v, 0.0)
         else:
@@ -440,21 +443,21 @@ def _bwd_dq_kernel(
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
-        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
         False, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
-        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
-        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+        HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 

@@ -58,7 +58,7 @@ def _fwd_inner(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     # log2(e) * sm_scale, applied once per element (FUSED_SCALE: inside the exp2's FMA)
@@ -72,10 +72,14 @@ def _fwd_inner(
         if USE_TMA:
             # Tensor-memory-accelerator copies of the (1, 1, BLOCK_N, BLOCK_D) boxes: rows past the
             # stored keys and columns past head_dim arrive as zeros; rows in [k_len, Sk) (seqused_k)
-            # are real memory, so V is zeroed there (p is 0, but 0 * NaN would not be).
+            # are real memory, so V is zeroed there (p is 0, but 0 * NaN would not be). Only then: the
+            # select takes V from shared memory through registers and back (causal D64 fp16, sm_90
+            # SASS: 528 -> 432 instructions per thread per masked tile without it). Unequal head dims
+            # keep it: without it ptxas 3.6 crashes (SIGSEGV) on D/Dv = 40/256, 128/256, 256/16
+            # (scripts/aot_compile.py), and such heads are rare.
             kT = tl.trans(k_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
             v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
-            if MASKED:
+            if MASKED and (HAS_SEQUSED_K or BLOCK_D != BLOCK_DV):
                 v = tl.where(offs_n[:, None] < k_len, v, 0.0)
         else:  # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
             kT, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
@@ -211,7 +215,7 @@ def _fwd_kernel(
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
     # phase 2: steady state, every position visible
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
@@ -220,7 +224,7 @@ def _fwd_kernel(
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
         False, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
     # phase 3: masked blocks at the diagonal / right window edge / sequence end
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
@@ -229,7 +233,7 @@ def _fwd_kernel(
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
 
     # Rows with no visible key (l = 0) and padded query rows: output 0, LSE -inf.
     empty = (l_i == 0.0) | (row_ok == 0)
