@@ -72,14 +72,18 @@ def _fwd_inner(
         if USE_TMA:
             # Tensor-memory-accelerator copies of the (1, 1, BLOCK_N, BLOCK_D) boxes: rows past the
             # stored keys and columns past head_dim arrive as zeros; rows in [k_len, Sk) (seqused_k)
-            # are real memory, so V is zeroed there (p is 0, but 0 * NaN would not be). Only then: the
-            # select takes V from shared memory through registers and back (causal D64 fp16, sm_90
-            # SASS: 528 -> 432 instructions per thread per masked tile without it). Unequal head dims
-            # keep it: without it ptxas 3.6 crashes (SIGSEGV) on D/Dv = 40/256, 128/256, 256/16
-            # (scripts/aot_compile.py), and such heads are rare.
+            # are real memory, so V is zeroed there (p is 0, but 0 * NaN would not be). Rows past Sk
+            # need nothing, and the select takes V from shared memory through registers and back: a
+            # causal / windowed kernel, whose every diagonal tile is masked, skips it without seqused_k
+            # (causal D64 fp16, sm_90 SASS: 528 -> 432 instructions per thread per masked tile).
+            # It stays where masked tiles are rare (no window: only a partial last block), since ptxas
+            # then schedules the steady loop as before: skipping it there too measured 1.7% slower
+            # at D64 S1024 non-causal (H100, 3 alternating rounds, results/2026-11-26_h100_session6_
+            # run6_ab_configs.log); and for unequal head dims, where ptxas 3.6 crashes (SIGSEGV)
+            # without it on D/Dv = 40/256, 128/256, 256/16 (scripts/aot_compile.py).
             kT = tl.trans(k_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
             v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
-            if MASKED and (HAS_SEQUSED_K or BLOCK_D != BLOCK_DV):
+            if MASKED and (HAS_SEQUSED_K or BLOCK_D != BLOCK_DV or not (HAS_LEFT or HAS_RIGHT)):
                 v = tl.where(offs_n[:, None] < k_len, v, 0.0)
         else:  # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
             kT, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
