@@ -7,7 +7,9 @@ key+query mask at 26% and 100% fill, and packed (varlen) at 26%; the dropout sha
 S=1024, D=64) at p = 0 and 0.1; causal B=16, H=32, S=1024, D=64 fp16 for ours and SDPA's flash
 backend (FA2) in the Hugging Face layout ((B, S, H, D) transposed) and contiguous (B, H, S, D).
 For each: CUDA time per iteration of every kernel and the host time
-per iteration. Writes profile_kernels.txt.
+per iteration (every input's .grad is reset each step, so no gradient-accumulation kernel shows; before
+2026-11-26 session 6 only q's was, and k/v's accumulation showed as ``aten::add_``). Writes
+profile_kernels.txt.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ def cases():
 
     b, h, s, d = 32, 12, 512, 64
     q, k, v = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
-    yield "dense B32 H12 S512 D64", lambda: flash_attention(q, k, v), q
+    yield "dense B32 H12 S512 D64", lambda: flash_attention(q, k, v), (q, k, v)
     for fill in (0.26, 1.0):
         lens = lengths_for(fill, b, s)
         mask = (torch.arange(s)[None] < lens[:, None]).to(dev)
         yield (f"padded fill {fill}", lambda mask=mask: flash_attention(q, k, v, attention_mask=mask, query_mask=mask),
-               q)
+               (q, k, v))
     lens = lengths_for(0.26, b, s)
     real = (torch.arange(s)[None] < lens[:, None]).reshape(-1).nonzero().squeeze(1).to(dev)
     cu = torch.zeros(b + 1, dtype=torch.int32, device=dev)
@@ -49,11 +51,11 @@ def cases():
     packed = [t.detach().transpose(1, 2).reshape(b * s, h, d).index_select(0, real).requires_grad_() for t in (q, k, v)]
     mx = int(lens.max())
     yield ("varlen fill 0.26", lambda: flash_attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
-                                                       max_seqlen_k=mx), packed[0])
+                                                       max_seqlen_k=mx), tuple(packed))
     b, h, s = 16, 32, 1024
     q2, k2, v2 = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
     for p in (0.0, 0.1):
-        yield f"dropout {p} B16 H32 S1024 D64", lambda p=p: flash_attention(q2, k2, v2, dropout_p=p), q2
+        yield f"dropout {p} B16 H32 S1024 D64", lambda p=p: flash_attention(q2, k2, v2, dropout_p=p), (q2, k2, v2)
     yield from layout_cases()
 
 
