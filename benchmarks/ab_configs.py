@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import PACKAGE_SOURCE  # noqa: E402  (imports hf_triton_attn from DIR if set)
+from benchmarks.common import PACKAGE_SOURCE, hf_layout  # noqa: E402  (imports hf_triton_attn from DIR if set)
 from hf_triton_attn import flash_attention  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs.split(","):
         d, s, causal, mode = parse(config)
         b, h = 16384 // s, 2048 // d
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=DTYPES[args.dtype]).transpose(1, 2)
-                   .requires_grad_(mode == "fwdbwd") for _ in range(3))
+        q, k, v = (hf_layout(b, s, h, d, DTYPES[args.dtype], "cuda", mode == "fwdbwd") for _ in range(3))
         run_ours, run_fa2 = timer(ours, q, k, v, causal, mode), timer(fa2, q, k, v, causal, mode)
         mine, theirs = [], []
         for _ in range(args.reps):

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import collect_meta, meta_title  # noqa: E402
+from benchmarks.common import collect_meta, hf_layout, meta_title  # noqa: E402
 from hf_triton_attn import flash_attention  # noqa: E402
 
 MODES = ("split", "fused")
@@ -52,8 +52,7 @@ def row(d: int, s: int, causal: bool, p: float, dtype: torch.dtype, layout: str)
     """``layout`` "hf": (B, S, H, D) contiguous viewed as (B, H, S, D), as Hugging Face models pass them."""
     b, h = 16384 // s, 2048 // d
     if layout == "hf":
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (hf_layout(b, s, h, d, dtype, "cuda", True) for _ in range(3))
     else:
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     times = []

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import hf_layout
+
 
 def lengths_for(fill: float, b: int, s: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(fill * 1000))
@@ -34,7 +36,7 @@ def cases():
     dev, dt = "cuda", torch.bfloat16
 
     def hf(b, s, h, d):
-        return torch.randn(b, s, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_()
+        return hf_layout(b, s, h, d, dt, dev, True)
 
     b, h, s, d = 32, 12, 512, 64
     q, k, v = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
@@ -68,11 +70,12 @@ def layout_cases():
 
     b, h, s, d = 16, 32, 1024, 64
     for layout in ("hf", "bhsd"):
-        shape = (b, s, h, d) if layout == "hf" else (b, h, s, d)
-        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
         if layout == "hf":
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        leaves = tuple(t.requires_grad_() for t in (q, k, v))
+            q, k, v = (hf_layout(b, s, h, d, torch.float16, "cuda", True) for _ in range(3))
+        else:
+            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.float16, requires_grad=True)
+                       for _ in range(3))
+        leaves = (q, k, v)
 
         def fa2(q=q, k=k, v=v):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

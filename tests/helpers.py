@@ -36,6 +36,11 @@ def make_qkv(batch, hq, hkv, sq, sk, d, dv, dtype, *, layout="bhsd", device=DEVI
     return rnd(batch, hq, sq, d), rnd(batch, hkv, sk, d), rnd(batch, hkv, sk, dv)
 
 
+def cu_seqlens(lens: list[int], device=DEVICE) -> torch.Tensor:
+    """int32 cumulative sequence starts [0, l0, l0 + l1, ...] for the varlen API."""
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None = None) -> float:
     diff = (a.detach().double() - b.detach().double()).abs()
     if valid is not None:

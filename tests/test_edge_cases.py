@@ -33,6 +33,7 @@ from .helpers import (
     ON_GPU,
     assert_pass_rule,
     check_against_oracle,
+    cu_seqlens,
     make_qkv,
     spy_on,
     stored_output_allowance,
@@ -104,13 +105,11 @@ def test_empty_dims_forward_and_backward_match_sdpa(shape, causal):
 def test_varlen_with_no_tokens_and_empty_sequences():
     """Packed batches with zero tokens in total, and sequences with no query or no key."""
     for lens_q, lens_k in (([0, 0], [0, 0]), ([0, 3, 2], [4, 0, 2])):
-        cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
-                                       device=DEVICE)
         g = torch.Generator().manual_seed(0)
         q = torch.randn(sum(lens_q), 2, 16, generator=g).to(DEVICE).requires_grad_()
         k = torch.randn(sum(lens_k), 2, 16, generator=g).to(DEVICE).requires_grad_()
         v = torch.randn(sum(lens_k), 2, 16, generator=g).to(DEVICE).requires_grad_()
-        kw = dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_q=max(lens_q),
+        kw = dict(cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k), max_seqlen_q=max(lens_q),
                   max_seqlen_k=max(lens_k))
         out, lse = fa(q, k, v, return_lse=True, **kw)
         ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), **kw)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hf_triton_attn import attention_reference, flash_attention
 from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
 
-from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, stored_output_allowance
+from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, cu_seqlens, stored_output_allowance
 
 SHARDS = int(os.environ.get("HF_TRITON_ATTN_FUZZ_SHARDS", "1"))
 EXAMPLES = -(-int(os.environ.get("HF_TRITON_ATTN_FUZZ_EXAMPLES", "100" if ON_GPU else "30")) // SHARDS)
@@ -67,8 +67,7 @@ def _build(p):
     if p["varlen"]:
         tq, tk = sum(p["lens_q"]), sum(p["lens_k"])
         q, k, v = rnd(tq, hq, d), rnd(max(tk, 0), hkv, d), rnd(max(tk, 0), hkv, dv)
-        cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-        kw.update(cu_seqlens_q=cu(p["lens_q"]), cu_seqlens_k=cu(p["lens_k"]),
+        kw.update(cu_seqlens_q=cu_seqlens(p["lens_q"]), cu_seqlens_k=cu_seqlens(p["lens_k"]),
                   max_seqlen_q=max(p["lens_q"]), max_seqlen_k=max(p["lens_k"]))
     else:
         sq, sk = p["lens_q"][0], p["lens_k"][0]

@@ -5,7 +5,7 @@ import torch
 
 from hf_triton_attn import flash_attention
 
-from .helpers import BACKEND, DEVICE, ON_GPU, check_against_oracle, count_launches, make_qkv
+from .helpers import BACKEND, DEVICE, ON_GPU, check_against_oracle, count_launches, cu_seqlens, make_qkv
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 pytestmark = pytest.mark.usefixtures("poison")
@@ -116,8 +116,7 @@ def _varlen_inputs(lens_q, lens_k, hq, hkv, d, dv, dtype):
     q = torch.randn(tq, hq, d, generator=g).to(DEVICE, dtype).requires_grad_()
     k = torch.randn(tk, hkv, d, generator=g).to(DEVICE, dtype).requires_grad_()
     v = torch.randn(tk, hkv, dv, generator=g).to(DEVICE, dtype).requires_grad_()
-    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
-    return q, k, v, dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+    return q, k, v, dict(cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k),
                          max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
 
 
@@ -313,10 +312,6 @@ def test_dq_mode_environment_override(monkeypatch):
         out.sum().backward()
 
 
-def _cu(lens: list) -> torch.Tensor:
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", ["varlen-empty", "seqused_k", "many-query-blocks"])
 def test_fused_dq_finishes_every_query_block(monkeypatch, case, causal):
@@ -331,7 +326,7 @@ def test_fused_dq_finishes_every_query_block(monkeypatch, case, causal):
         lens_q, lens_k = [5, 0, 40, 7, 33], [0, 3, 50, 33, 70]
         q, k, v = (torch.randn(sum(n), 4, 16, generator=g).to(DEVICE).requires_grad_()
                    for n in (lens_q, lens_k, lens_k))
-        kw = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+        kw = dict(cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k), max_seqlen_q=max(lens_q),
                   max_seqlen_k=max(lens_k))
     elif case == "seqused_k":
         q, k, v = make_qkv(3, 4, 2, 45, 70, 16, 16, torch.float32)
