@@ -7,6 +7,10 @@ than the memset runs, the events measure the host. This probe separates the two:
 * ``bench``: ``do_bench`` of the eager call (what bench_kernels reports);
 * ``graph``: ``do_bench`` of a CUDA-graph replay of the same call (one host launch: GPU time, L2 flushed);
 * ``graph_hot``: the same replay in a loop without the flush (GPU time with the K/V cache in L2);
+* ``graph_write`` / ``graph_read``: the replay after flushing L2 by writing 256 MB (do_bench's memset,
+  which leaves L2 full of dirty lines that the call's reads must first write back) or by reading
+  256 MB (L2 full of clean lines), events around the replay alone: how much of the flushed time is
+  the write-back of do_bench's own memset;
 * ``host_us``: host microseconds per eager call (a loop of calls, no sync inside).
 
 for ours at each ``--splits`` count (``auto`` = the heuristic) and for SDPA's cuDNN and flash backends.
@@ -66,15 +70,39 @@ def hot_us(fn: Callable[[], object], calls: int = 200) -> float:
     return start.elapsed_time(end) / calls * 1e3
 
 
+def flushed_us(fn: Callable[[], object], write: bool, calls: int = 50) -> float:
+    """Median GPU microseconds of ``fn`` right after a 256 MB L2 flush by memset (``write``) or by a
+    read (a sum over the same buffer)."""
+    buf = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
+    total = torch.empty((), dtype=torch.int64, device="cuda")
+    times = []
+    for _ in range(calls):
+        if write:
+            buf.zero_()
+        else:
+            torch.sum(buf, dim=0, dtype=torch.int64, out=total)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    us = sorted(s.elapsed_time(e) * 1e3 for s, e in times)
+    return us[len(us) // 2]
+
+
 def measure(fn: Callable[[], object]) -> dict[str, float]:
     import triton.testing
 
     fn()
     graph = graph_of(fn)
+    triton.testing.do_bench(fn, warmup=1, rep=10)  # discarded: see common.bench_ms
     return {
         "bench_us": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3,
         "graph_us": triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3,
         "graph_hot_us": hot_us(graph.replay),
+        "graph_write_us": flushed_us(graph.replay, write=True),
+        "graph_read_us": flushed_us(graph.replay, write=False),
         "host_us": host_us(fn),
     }
 
@@ -167,7 +195,8 @@ def main() -> None:
     import hf_triton_attn
 
     print(f"== {torch.cuda.get_device_name()} | package {hf_triton_attn.__file__} (source {PACKAGE_SOURCE})")
-    print(f"{'Hq:Hkv':>7} {'B':>3} {'cache':>6} {'impl':>12} {'bench':>8} {'graph':>8} {'hot':>8} {'host':>8}  (us)")
+    print(f"{'Hq:Hkv':>7} {'B':>3} {'cache':>6} {'impl':>12} {'bench':>8} {'graph':>8} {'hot':>8} {'write':>8} "
+          f"{'read':>8} {'host':>8}  (us)")
     for hq, hkv, b, cache in CASES:
         q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
         k, v = (torch.randn(b, hkv, cache, d, dtype=dtype, device="cuda") for _ in range(2))
@@ -183,7 +212,8 @@ def main() -> None:
                 continue
             rows.append(row)
             print(f"{hq:>4}:{hkv:<2} {b:>3} {cache:>6} {name:>12} {row['bench_us']:8.1f} {row['graph_us']:8.1f} "
-                  f"{row['graph_hot_us']:8.1f} {row['host_us']:8.1f}")
+                  f"{row['graph_hot_us']:8.1f} {row['graph_write_us']:8.1f} {row['graph_read_us']:8.1f} "
+                  f"{row['host_us']:8.1f}")
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "package_source": PACKAGE_SOURCE,
                                         "rows": rows}, indent=1))
