@@ -63,6 +63,23 @@ def test_attention_mask(pattern, dtype):
     check_against_oracle(q, k, v, attention_mask=mask)
 
 
+@pytest.mark.parametrize("extra", [{}, {"causal": True}, {"window_size": (40, 9)}], ids=["plain", "causal", "window"])
+def test_padding_masks_at_block_boundaries_in_bhsd_and_bshd(extra):
+    """Padding masks on both sides of block boundaries (the interpreter's 32-key blocks; the GPU's 64
+    and 128), with causal and window masks, in both memory layouts: right, left and two-sided
+    padding, a single real key, no real key, and a two-sided span with a hole. The forward clamps its
+    key loop to [first real key, last real key] and tests the mask inside."""
+    sk = 173
+    spans = [(0, 150), (37, 173), (33, 129), (64, 65), (0, 0), (5, 170)]
+    mask = torch.zeros(len(spans), sk, dtype=torch.bool)
+    for row, (first, end) in enumerate(spans):
+        mask[row, first:end] = True
+    mask[-1, 100] = False
+    for layout in ("bhsd", "bshd"):
+        q, k, v = make_qkv(len(spans), 2, 1, 140, sk, 32, 32, torch.float32, layout=layout)
+        check_against_oracle(q, k, v, attention_mask=mask.to(DEVICE), **extra)
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32])
 def test_attention_and_query_mask_padded_batch(mask_dtype):
     """A padded encoder batch: pad keys masked, pad query rows skipped and written 0."""
