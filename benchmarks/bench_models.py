@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-iters", type=int, default=5, help="generate calls per impl, interleaved")
     ap.add_argument("--profile-generate", action="store_true", help="only print decode profiles and exit")
     ap.add_argument("--profile-bert", action="store_true", help="only print BERT fine-tune/inference profiles and exit")
+    ap.add_argument("--backward-on-calling-thread", action="store_true",
+                    help="torch.autograd.set_multithreading_enabled(False) for every task and impl: backward "
+                         "nodes run on the thread that calls backward() instead of autograd's CUDA worker")
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -394,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     records: list[dict[str, Any]] = []
     json_path = args.out / "models.json"
+    if args.backward_on_calling_thread:
+        torch.autograd.set_multithreading_enabled(False)  # thread-local: this (the main) thread
+        meta["backward_on_calling_thread"] = True
 
     for row in parity(args, device, dtype):
         print(f"parity {row['model']}: {row['impl']} vs sdpa max |diff| {row['max_abs_err']:.3g} "
