@@ -70,9 +70,9 @@ def hot_us(fn: Callable[[], object], calls: int = 200) -> float:
     return start.elapsed_time(end) / calls * 1e3
 
 
-def flushed_us(fn: Callable[[], object], write: bool, calls: int = 50) -> float:
-    """Median GPU microseconds of ``fn`` right after a 256 MB L2 flush by memset (``write``) or by a
-    read (a sum over the same buffer)."""
+def flushed_samples_us(fn: Callable[[], object], write: bool, calls: int = 50) -> list[float]:
+    """Sorted GPU microseconds of ``calls`` calls of ``fn``, each right after a 256 MB L2 flush by
+    memset (``write``, as do_bench) or by a read (a sum over the same buffer); events around ``fn``."""
     buf = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
     total = torch.empty((), dtype=torch.int64, device="cuda")
     times = []
@@ -87,7 +87,12 @@ def flushed_us(fn: Callable[[], object], write: bool, calls: int = 50) -> float:
         end.record()
         times.append((start, end))
     torch.cuda.synchronize()
-    us = sorted(s.elapsed_time(e) * 1e3 for s, e in times)
+    return sorted(s.elapsed_time(e) * 1e3 for s, e in times)
+
+
+def flushed_us(fn: Callable[[], object], write: bool, calls: int = 50) -> float:
+    """Median of ``flushed_samples_us``."""
+    us = flushed_samples_us(fn, write, calls)
     return us[len(us) // 2]
 
 

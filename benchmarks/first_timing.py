@@ -21,6 +21,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import PACKAGE_SOURCE  # noqa: F401  (before hf_triton_attn: HF_TRITON_ATTN_SOURCE)
+from benchmarks.decode_timing import flushed_samples_us
 from hf_triton_attn import flash_attention
 
 
@@ -28,7 +29,6 @@ def main() -> None:
     torch.manual_seed(0)
     q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
     k, v = (torch.randn(1, 8, 8192, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-    flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
 
     def ours():
         return flash_attention(q, k, v, backend="triton")
@@ -48,16 +48,7 @@ def main() -> None:
         return host
 
     def flushed_loop_us(fn, n: int) -> tuple[float, float, float]:
-        events = []
-        for _ in range(n):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        us = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
+        us = flushed_samples_us(fn, write=True, calls=n)
         return us[n // 2], us[n // 10], us[9 * n // 10]
 
     print(f"== {torch.cuda.get_device_name()}: decode B1 Hq32 Hkv8 cache 8192 D128 bf16, us")
