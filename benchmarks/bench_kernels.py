@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     max_abs_err,
     memory_limit_bytes,
     meta_title,
+    padded_lengths,
     plot_lines,
     read_json,
     short_error,
@@ -423,19 +424,10 @@ def run_grid_case(bench: Bench, case: GridCase) -> list[Record]:
 # --------------------------------------------------------------------------- section: padded batch
 
 
-def padded_lengths(batch: int, seqlen: int, fill: float, seed: int) -> torch.Tensor:
-    """Random right-padding lengths averaging ``fill * seqlen`` (uniform in fill*S*[0.5, 1.5])."""
-    if fill >= 1.0:
-        return torch.full((batch,), seqlen, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed)
-    lengths = (fill * seqlen * (0.5 + torch.rand(batch, generator=gen))).round().long()
-    return lengths.clamp(1, seqlen)
-
-
 def run_padded_case(bench: Bench, shape: dict[str, int], dtype: str, fill: float, mode: str) -> list[Record]:
     """Ours with attention_mask + query_mask vs SDPA with a boolean key mask (flash: dense)."""
     b, h, s, d = shape["B"], shape["H"], shape["S"], shape["D"]
-    lengths = padded_lengths(b, s, fill, seed=int(fill * 1000))
+    lengths = padded_lengths(b, s, fill, torch.Generator().manual_seed(int(fill * 1000)))
     mask = (torch.arange(s)[None, :] < lengths[:, None]).to(bench.device)
     base: Record = {
         "bench": "padded",

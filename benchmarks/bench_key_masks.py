@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import PACKAGE_SOURCE, hf_layout  # noqa: E402  (imports hf_triton_attn from DIR if set)
+from benchmarks.common import PACKAGE_SOURCE, hf_layout, padded_lengths  # noqa: E402  (imports hf_triton_attn from DIR if set)
 from hf_triton_attn import flash_attention  # noqa: E402
 
 
@@ -30,10 +30,7 @@ def lengths_mask(batch: int, seqlen: int, fill: float, holes: bool, seed: int) -
     """(B, S) bool: right padding with lengths uniform in fill * S * [0.5, 1.5]; ``holes`` drops 10%
     of the real keys (never a row's first key)."""
     gen = torch.Generator().manual_seed(seed)
-    if fill >= 1.0:
-        lengths = torch.full((batch,), seqlen)
-    else:
-        lengths = (fill * seqlen * (0.5 + torch.rand(batch, generator=gen))).round().long().clamp(1, seqlen)
+    lengths = padded_lengths(batch, seqlen, fill, gen)
     mask = torch.arange(seqlen)[None, :] < lengths[:, None]
     if holes:
         mask &= torch.rand(batch, seqlen, generator=gen) > 0.1

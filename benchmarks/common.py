@@ -140,6 +140,14 @@ def gbps(nbytes: float, ms: float | None) -> float | None:
 # --------------------------------------------------------------------------- tensors and memory
 
 
+def padded_lengths(batch: int, seqlen: int, fill: float, gen: torch.Generator) -> torch.Tensor:
+    """Random right-padding lengths averaging ``fill * seqlen`` (uniform in fill*S*[0.5, 1.5], int64);
+    ``fill >= 1`` gives full rows without drawing from ``gen``."""
+    if fill >= 1.0:
+        return torch.full((batch,), seqlen, dtype=torch.int64)
+    return (fill * seqlen * (0.5 + torch.rand(batch, generator=gen))).round().long().clamp(1, seqlen)
+
+
 def hf_layout(
     b: int, s: int, h: int, d: int, dtype: torch.dtype, device: str, requires_grad: bool = False
 ) -> torch.Tensor:

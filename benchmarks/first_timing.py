@@ -16,13 +16,11 @@ The whole sequence runs twice, so each provider is timed both first and later.
 import time
 
 import torch
-import torch.nn.functional as F
 import triton.testing
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from benchmarks.common import PACKAGE_SOURCE  # noqa: F401  (before hf_triton_attn: HF_TRITON_ATTN_SOURCE)
-from benchmarks.decode_timing import flushed_samples_us
-from hf_triton_attn import flash_attention
+from benchmarks.decode_timing import flushed_samples_us, ours_call, sdpa_call
 
 
 def main() -> None:
@@ -30,12 +28,8 @@ def main() -> None:
     q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
     k, v = (torch.randn(1, 8, 8192, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
 
-    def ours():
-        return flash_attention(q, k, v, backend="triton")
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    ours = ours_call(q, k, v, "auto")
+    cudnn = sdpa_call(q, k, v, SDPBackend.CUDNN_ATTENTION)
 
     def behind_sleep_ms(fn) -> float:
         torch.cuda.synchronize()

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import PACKAGE_SOURCE  # noqa: F401  (before hf_triton_attn: HF_TRITON_ATTN_SOURCE)
+from benchmarks.common import PACKAGE_SOURCE, padded_lengths  # noqa: F401  (PACKAGE_SOURCE: before hf_triton_attn)
 
 
 class _Identity(torch.autograd.Function):
@@ -52,7 +52,7 @@ def _cases():
     dev, dt = "cuda", torch.bfloat16
     b, h, s, d = 32, 12, 512, 64
     gen = torch.Generator().manual_seed(260)
-    lens = (0.26 * s * (0.5 + torch.rand(b, generator=gen))).round().long().clamp(1, s)
+    lens = padded_lengths(b, s, 0.26, gen)
     mask = (torch.arange(s)[None] < lens[:, None]).to(dev)
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_() for _ in range(3))
     dout = torch.randn_like(q)

@@ -20,14 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import hf_layout
-
-
-def lengths_for(fill: float, b: int, s: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(int(fill * 1000))
-    if fill >= 1.0:
-        return torch.full((b,), s)
-    return (fill * s * (0.5 + torch.rand(b, generator=gen))).round().long().clamp(1, s)
+from benchmarks.common import hf_layout, padded_lengths
 
 
 def cases():
@@ -42,11 +35,11 @@ def cases():
     q, k, v = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
     yield "dense B32 H12 S512 D64", lambda: flash_attention(q, k, v), (q, k, v)
     for fill in (0.26, 1.0):
-        lens = lengths_for(fill, b, s)
+        lens = padded_lengths(b, s, fill, torch.Generator().manual_seed(int(fill * 1000)))
         mask = (torch.arange(s)[None] < lens[:, None]).to(dev)
         yield (f"padded fill {fill}", lambda mask=mask: flash_attention(q, k, v, attention_mask=mask, query_mask=mask),
                (q, k, v))
-    lens = lengths_for(0.26, b, s)
+    lens = padded_lengths(b, s, 0.26, torch.Generator().manual_seed(260))
     real = (torch.arange(s)[None] < lens[:, None]).reshape(-1).nonzero().squeeze(1).to(dev)
     cu = torch.zeros(b + 1, dtype=torch.int32, device=dev)
     cu[1:] = lens.cumsum(0).to(torch.int32)
