@@ -93,7 +93,9 @@ def _fwd_inner(
         if FUSED_SCALE:
             # Plain scores, sm_scale > 0: mask the raw dot, take the row max of the raw values
             # (scaling by a positive number commutes with max), and form p = exp2(qk * scale2 - m)
-            # with one FMA per element, as the Triton tutorial does.
+            # with one FMA per element, as the Triton tutorial and FlashAttention-2 do. The FMA
+            # subtracts m from the exact product, so the row max's exponent is m's rounding error
+            # (<= ulp(m) / 2) instead of 0: harmless below |m| ~ 2**28 (see the epilogue).
             s2 = qk
         else:
             s2, _ = score_transform(qk, offs_m, offs_n, q_len, k_len, sm_scale, softcap, slope,
@@ -239,16 +241,26 @@ def _fwd_kernel(
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
         HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
 
-    # Rows with no visible key (l = 0) and padded query rows: output 0, LSE -inf.
-    empty = (l_i == 0.0) | (row_ok == 0)
+    # Rows with no visible key and padded query rows: output 0, LSE -inf. (A row with a NaN score
+    # keeps l = NaN and comes out NaN.)
+    empty = ((m_i == float("-inf")) & (l_i == 0.0)) | (row_ok == 0)
+    # A row that sees keys has l >= p_max. With FUSED_SCALE, p = exp2(fma(qk, scale2, -m)) where m is
+    # the *rounded* product of the row's max, so p_max = exp2(that rounding error), up to
+    # exp2(+-ulp(m) / 2): ~1 for any realistic score, but past |m| ~ 2**28 (fp16 P, whose normal range
+    # ends at 2**-14) or 2**31 (bf16 / fp32 P, where exp2 leaves fp32) the row's weights underflow or
+    # overflow. Overflow gives inf / NaN by itself; an underflowed row is made NaN here instead of a
+    # silent 0. (Compiled only: the interpreter rounds qk * scale2 before subtracting m.)
+    L_MIN: tl.constexpr = 2.0**-9 if V.dtype.element_ty == tl.float16 else 0.0
+    lost = (m_i != float("-inf")) & (l_i <= L_MIN)
     l_safe = tl.where(empty, 1.0, l_i)
-    inv_l = 1.0 / l_safe
+    inv_l = tl.where(lost, float("nan"), 1.0 / l_safe)  # per row: no per-element select for `lost`
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
     out = tl.where(empty[:, None], 0.0, out)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(lost, float("nan"), lse)
     tl.store(lse_ptrs, lse, mask=offs_m < q_len)
 
 
