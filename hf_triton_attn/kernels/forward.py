@@ -183,7 +183,7 @@ def _fwd_kernel(
     if USE_TMA:
         # Dense layout: rows past Sq (= q_len) and columns past head_dim arrive as 0. One TMA copy
         # instead of 64x64 masked pointer loads and their address math (prologue -48 SASS
-        # instructions): causal D64 S1024 forward -2.1% bf16 / -1.7% fp16 (H100, 5 alternating
+        # instructions): causal D64 S1024 forward -2.1% bf16 / -2.2% fp16 (H100, 5 alternating
         # rounds, results/2026-11-26_h100_session8_run13_14_ab_qtma.log); non-causal within noise.
         q = Q_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
     else:
