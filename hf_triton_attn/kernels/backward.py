@@ -554,7 +554,7 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
     vl = is_varlen
     flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
                                 seqused_k, is_varlen, dropout_p)
-    tma = use_tma is not False and not is_varlen and tma_can_read(q, do) and tma_can_read(k, v)
+    tma = use_tma is not False and not is_varlen and tma_can_read(q, do, k, v)
     fused = _dq_mode(dq_mode, deterministic, tma, head_dim, head_dim_v, elem_size, window_right >= 0,
                      dropout_p > 0)
     (delta_cx, (dkdv_cx, dkdv_block_m, dkdv_block_n, dkdv_warps, dkdv_stages),

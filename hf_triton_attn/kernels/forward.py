@@ -312,7 +312,7 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
     head_dim_v = v.shape[-1]
     flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
                                 seqused_k, is_varlen, dropout_p)
-    tma = use_tma is not False and not is_varlen and tma_can_read(k, v) and tma_can_read(q, q)
+    tma = use_tma is not False and not is_varlen and tma_can_read(q, k, v)
     constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
         tuple(sorted(config.items())) if config else None, tma,

@@ -93,9 +93,9 @@ def _tma_readable(t: torch.Tensor) -> bool:
     return all(st > 0 and st * size % 16 == 0 for st in strides[:-1])
 
 
-def tma_can_read(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``tma_descriptors`` may describe these 4-D (B, H, S, D) K and V on this device."""
-    return _tma_usable(k.device) and _tma_readable(k) and _tma_readable(v)
+def tma_can_read(*tensors: torch.Tensor) -> bool:
+    """Whether ``tma_descriptor`` may describe each of these 4-D (B, H, S, D) tensors (one device)."""
+    return _tma_usable(tensors[0].device) and all(_tma_readable(t) for t in tensors)
 
 
 def tma_descriptor(t: torch.Tensor, block_rows: int):
