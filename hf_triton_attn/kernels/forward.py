@@ -178,8 +178,6 @@ def _fwd_kernel(
             return
 
     # Q tile [BLOCK_M, BLOCK_D], loaded once.
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
-    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
     if USE_TMA:
         # Dense layout: rows past Sq (= q_len) and columns past head_dim arrive as 0. One TMA copy
         # instead of 64x64 masked pointer loads and their address math (prologue -48 SASS
@@ -187,6 +185,8 @@ def _fwd_kernel(
         # rounds, results/2026-11-26_h100_session8_run13_14_ab_qtma.log); non-causal within noise.
         q = Q_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
     else:
+        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
 
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start * stride_kn
