@@ -123,7 +123,7 @@ def count_launches(monkeypatch, module, name: str) -> list:
     return counter.grids
 
 
-def stored_output_allowance(q, k, kw, out, ora, dout) -> dict:
+def stored_output_allowance(q, k, v, kw, out, ora, dout, dot_rounding: bool = False) -> dict:
     """Elementwise bounds of the dq / dk error caused by the backward reading the stored output.
 
     The kernel's backward uses ``delta_i = dO_i . O_i`` with O as stored (rounded to the input dtype,
@@ -137,9 +137,24 @@ def stored_output_allowance(q, k, kw, out, ora, dout) -> dict:
     so it is where the forward's p for the row maximum is not exactly 1 (FlashAttention-2's
     exp2(x * scale - max * scale) FMA) and is rounded to the dtype before the P V dot (GPU edge-case
     test, one-hot fp16 rows, 2026-11-26).
+
+    ``dot_rounding``: the same cancellation also leaves the fp32 rounding of ``dP_ij = dO_i . v_j``
+    and of ``delta_i``, two D-term dot products summed in different orders (tensor cores / BLAS vs
+    the delta kernel), so ``|Delta_i|`` grows by ``2 D u sum_d |dO_id| (max|v| / (1 - dropout_p) + |O_id|)`` with
+    ``u = 2**-24`` (the textbook ``gamma_D`` bound, doubled for accumulators that truncate). It
+    decides one-hot rows: on an AMD EPYC CPU the interpreter's fp16 one-hot dq came out 2.0e-5 off
+    the exact 0 (a 1-ulp difference of dP and delta), which the stored-output term alone calls 0.
+    Off by default: a test comparing against the same-dtype reference (the fuzz's pass rule) has
+    that rounding in the reference's error already, and this worst-case bound would dominate fp32.
     """
-    scale = q.shape[-1] ** -0.5
-    delta = (dout.double() * (out.detach().double() - ora.detach())).sum(-1).abs()  # [..., Sq] or [T, H]
+    scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+    dout64, out64 = dout.double(), out.detach().double()
+    delta = (dout64 * (out64 - ora.detach())).sum(-1).abs()  # [..., Sq] or [T, H]
+    vmax = float(v.detach().abs().max()) if v.numel() else 0.0
+    keep_scale = 1.0 / (1.0 - kw.get("dropout_p", 0.0))
+    unit = 2.0 * v.shape[-1] * 2.0**-24
+    if dot_rounding:
+        delta = delta + unit * (dout64.abs() * (vmax * keep_scale + out64.abs())).sum(-1)
     oracle_kw = {name: val for name, val in kw.items() if name != "dropout_p"}
     q64, k64 = q.detach().double(), k.detach().double()
     ones = torch.ones(k64.shape[:-1] + (1,), dtype=torch.float64, device=k.device, requires_grad=True)

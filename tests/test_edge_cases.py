@@ -182,9 +182,12 @@ def test_fp16_scores_beyond_fp16_range_match_fp64(scale):
     ora_in = _leaves(q.double(), k.double(), v.double())
     ora = attention_reference(*ora_in, softmax_scale=scale)
     ora_grads = torch.autograd.grad(ora, ora_in, torch.ones_like(ora))
-    # One-hot rows have exact gradients of 0; what reading the stored (fp16) output leaves in dq / dk
-    # is bounded elementwise from the data (helpers.stored_output_allowance).
-    allowance = stored_output_allowance(q, k, dict(softmax_scale=scale), out, ora, torch.ones_like(out))
+    # One-hot rows have exact gradients of 0; what reading the stored (fp16) output and the fp32
+    # rounding of dP and delta leave in dq / dk is bounded elementwise from the data
+    # (helpers.stored_output_allowance; for this data at most 0.18 on dq and 0.98 on dk, whose |k|, |q|
+    # reach ~600).
+    allowance = stored_output_allowance(q, k, v, dict(softmax_scale=scale), out, ora, torch.ones_like(out),
+                                        dot_rounding=True)
     for name, a, o in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ora, *ora_grads)):
         assert torch.isfinite(a).all(), name
         tol = 1e-2 * float(o.detach().abs().max()) + 1e-6  # fp16 rounding of the inputs' scale

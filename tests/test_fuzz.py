@@ -119,7 +119,7 @@ def _check_case(p):
     assert_pass_rule("out", out, ref, ora, p["dtype"])
     ref_grads = torch.autograd.grad(ref, ref_in, dout, allow_unused=True)
     ora_grads = torch.autograd.grad(ora, ora_in, dout.double(), allow_unused=True)
-    allowance = stored_output_allowance(q, k, kw, out, ora, dout)
+    allowance = stored_output_allowance(q, k, v, kw, out, ora, dout)
     for name, a, r, o, leaf in zip(("dq", "dk", "dv"), grads, ref_grads, ora_grads, (q, k, v)):
         zero = torch.zeros_like(leaf, dtype=torch.float64)
         a = a if a is not None else zero
