@@ -177,6 +177,48 @@ def test_cached_launches_are_used():
         assert launcher.fast and launcher.kernels, launcher.fn
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
+def test_descriptor_launch_plan_matches_tritons_wrapper(monkeypatch, causal, deterministic):
+    """TMA-descriptor kernels launch with their descriptors expanded by launch._descriptor_plan, not by
+    Triton's generic wrapper; the results are bitwise those of the wrapper's launches (a fresh set of
+    launchers per path, so neither reuses the other's cached plans)."""
+    import triton
+
+    from hf_triton_attn.kernels import backward, forward, launch
+
+    q, k, v = _inputs(2, 4, 300, 64, torch.bfloat16)
+    do = torch.randn_like(q)
+
+    def run(planned: bool):
+        for mod, name in ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq")):
+            old = getattr(mod, name)
+            monkeypatch.setattr(mod, name, launch.CachedLauncher(old.fn, old.num_pointers))
+        if not planned:
+            monkeypatch.setattr(launch, "_descriptor_plan", lambda kernel, n: False)
+        results = []
+        for _ in range(3):  # compile, check the specialization, then the cached path
+            x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = flash_attention(*x, causal=causal, deterministic=deterministic)
+            out.backward(do)
+            results = [out.detach(), *(t.grad for t in x)]
+        plans = [p for mod, name in ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq"))
+                 for p in getattr(mod, name).plans.values()]
+        monkeypatch.undo()
+        return results, plans
+
+    planned, plans = run(True)
+    plain, plain_plans = run(False)
+    assert not any(plain_plans)
+    if triton.__version__.startswith("3.6"):  # the wrapper this plan was written against
+        assert any(plans), "no descriptor launch plan was made"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), planned, plain):
+        if deterministic or name != "dq":  # the fused dq sums in a non-deterministic order
+            assert torch.equal(a, b), name
+        else:
+            assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max(), name
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
 def test_causal_dropout_gqa_backward_bf16(monkeypatch, deterministic):
     """GPT-2-like training attention (causal, dropout 0.1, bf16, D = 64) with GQA and an odd length:
