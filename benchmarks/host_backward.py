@@ -34,7 +34,8 @@ class _Identity(torch.autograd.Function):
         return g
 
 
-def _per_call_ms(fn, n: int = 200) -> tuple[float, float]:
+def per_call_ms(fn, n: int = 200) -> tuple[float, float]:
+    """(host, wall) ms per call of a loop of n calls without syncs, after 10 warm-up calls."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -97,7 +98,7 @@ def _thread_probe(cases) -> None:
         # backward would run on the engine's worker (session 5 found the old probe measured that)
         torch.autograd.set_multithreading_enabled(False)
         assert not torch._C._is_multithreading_enabled()
-        out.append(_per_call_ms(fn)[0])
+        out.append(per_call_ms(fn)[0])
 
     from hf_triton_attn.kernels import launch
 
@@ -110,7 +111,7 @@ def _thread_probe(cases) -> None:
             for name, fn in (("varlen fwd+bwd", varlen), ("varlen fwd only", fwd_only)):
                 res: list = []
                 for _ in range(2):  # main, thread, main, thread
-                    res.append(_per_call_ms(fn)[0])
+                    res.append(per_call_ms(fn)[0])
                     t = threading.Thread(target=on_this_thread, args=(res, fn))
                     t.start()
                     t.join()
@@ -186,7 +187,7 @@ def _thread_parts() -> None:
     }
 
     def run(fn, res):
-        res.append(_per_call_ms(fn, 500)[0] * 1e3)
+        res.append(per_call_ms(fn, 500)[0] * 1e3)
 
     for name, fn in pieces.items():
         res: list = []
@@ -215,7 +216,7 @@ def main() -> int:
         for impl, fn in fns.items():
             for threads in (True, False):
                 torch.autograd.set_multithreading_enabled(threads)
-                host, wall = _per_call_ms(fn)
+                host, wall = per_call_ms(fn)
                 where = "worker thread " if threads else "calling thread"
                 print(f"  {name:18s} {impl:5s} backward on {where}: host {host:.3f} / wall {wall:.3f}")
     torch.autograd.set_multithreading_enabled(True)
@@ -225,7 +226,7 @@ def main() -> int:
         for name in ("padded 26% fill", "varlen BERT layer"):
             for threads in (True, False):
                 torch.autograd.set_multithreading_enabled(threads)
-                host, _ = _per_call_ms(cases[name]["ours"])
+                host, _ = per_call_ms(cases[name]["ours"])
                 print(f"  {name:18s} ours, launches stubbed, {'worker' if threads else 'calling'} thread: "
                       f"host {host:.3f}")
     finally:

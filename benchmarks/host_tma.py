@@ -17,25 +17,17 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 
 from benchmarks.common import PACKAGE_SOURCE, padded_lengths  # noqa: F401  (PACKAGE_SOURCE first)
+from benchmarks.host_backward import per_call_ms
 from hf_triton_attn.kernels import forward as fwd_mod
 from hf_triton_attn.kernels import launch as launch_mod
 
 
 def per_call_us(fn, n: int) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+    return per_call_ms(fn, n)[0] * 1e3
 
 
 def generic_readable(t: torch.Tensor) -> bool:  # the version before 2026-11-26 (session 9)
