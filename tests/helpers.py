@@ -150,10 +150,10 @@ def stored_output_allowance(q, k, v, kw, out, ora, dout, dot_rounding: bool = Fa
     scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
     dout64, out64 = dout.double(), out.detach().double()
     delta = (dout64 * (out64 - ora.detach())).sum(-1).abs()  # [..., Sq] or [T, H]
-    vmax = float(v.detach().abs().max()) if v.numel() else 0.0
-    keep_scale = 1.0 / (1.0 - kw.get("dropout_p", 0.0))
-    unit = 2.0 * v.shape[-1] * 2.0**-24
     if dot_rounding:
+        vmax = float(v.detach().abs().max()) if v.numel() else 0.0
+        keep_scale = 1.0 / (1.0 - kw.get("dropout_p", 0.0))
+        unit = 2.0 * v.shape[-1] * 2.0**-24  # gamma_D with 2u per add
         delta = delta + unit * (dout64.abs() * (vmax * keep_scale + out64.abs())).sum(-1)
     oracle_kw = {name: val for name, val in kw.items() if name != "dropout_p"}
     q64, k64 = q.detach().double(), k.detach().double()
