@@ -46,16 +46,18 @@ def _run(name: str, monkeypatch) -> nbformat.NotebookNode:
 
 
 def _text(nb) -> str:
-    """All text the notebook printed. Stream chunks are joined as they came: under load the kernel may
-    flush one print() in several pieces."""
-    parts = []
+    """All text the notebook printed: stdout (and results) first, stderr after it. Stream chunks are
+    joined as they came (under load the kernel may flush one print() in several pieces), each stream
+    apart: a progress bar's closing newline on stderr once landed between the two halves of
+    ``print("loaded with:", name)`` (CI, 2026-11-26)."""
+    printed, errors = [], []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
-                parts.append(out.get("text", ""))
+                (errors if out.get("name") == "stderr" else printed).append(out.get("text", ""))
             else:
-                parts.append("\n" + "".join(out.get("data", {}).get("text/plain", "")) + "\n")
-    return "".join(parts)
+                printed.append("\n" + "".join(out.get("data", {}).get("text/plain", "")) + "\n")
+    return "".join(printed) + "\n" + "".join(errors)
 
 
 def _images(nb) -> int:
