@@ -189,9 +189,10 @@ def test_descriptor_launch_plan_matches_tritons_wrapper(monkeypatch, causal, det
 
     q, k, v = _inputs(2, 4, 300, 64, torch.bfloat16)
     do = torch.randn_like(q)
+    launchers = ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq"))
 
     def run(planned: bool):
-        for mod, name in ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq")):
+        for mod, name in launchers:
             old = getattr(mod, name)
             monkeypatch.setattr(mod, name, launch.CachedLauncher(old.fn, old.num_pointers))
         if not planned:
@@ -202,8 +203,7 @@ def test_descriptor_launch_plan_matches_tritons_wrapper(monkeypatch, causal, det
             out = flash_attention(*x, causal=causal, deterministic=deterministic)
             out.backward(do)
             results = [out.detach(), *(t.grad for t in x)]
-        plans = [p for mod, name in ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq"))
-                 for p in getattr(mod, name).plans.values()]
+        plans = [p for mod, name in launchers for p in getattr(mod, name).plans.values()]
         monkeypatch.undo()
         return results, plans
 

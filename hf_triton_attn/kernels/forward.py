@@ -40,7 +40,6 @@ from .launch import (
     segment_strides,
     tile_grid,
     tma_can_read,
-    tma_descriptor,
     tma_descriptors,
 )
 
@@ -326,7 +325,7 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
         tuple(sorted(config.items())) if config else None, tma,
         softcap == 0.0 and alibi is None and sm_scale > 0.0, max_seqlen_k >= 1024)
     k_desc, v_desc = tma_descriptors(k, v, block_n) if tma else (None, None)
-    q_desc, o_desc = (tma_descriptor(q, block_m), tma_descriptor(o, block_m)) if tma else (None, None)
+    q_desc, o_desc = tma_descriptors(q, o, block_m) if tma else (None, None)
     args = (q, k, v, o, lse,
             ptr_or(key_mask, lse), ptr_or(query_mask, lse), ptr_or(segments, lse), ptr_or(seqused_k, lse),
             ptr_or(cu_seqlens_q, lse), ptr_or(cu_seqlens_k, lse), ptr_or(alibi, lse), ptr_or(rng, lse),

@@ -112,9 +112,10 @@ def tma_descriptor(t: torch.Tensor, block_rows: int):
     return _tma_box_class()(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_dim(t.shape[3])])
 
 
-def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
-    """Descriptors of (1, 1, block_n, padded head dim) boxes of K and V (``tma_can_read`` first)."""
-    return tma_descriptor(k, block_n), tma_descriptor(v, block_n)
+def tma_descriptors(a: torch.Tensor, b: torch.Tensor, block_rows: int) -> tuple:
+    """Descriptors of (1, 1, block_rows, padded head dim) boxes of two tensors, e.g. K and V
+    (``tma_can_read`` first)."""
+    return tma_descriptor(a, block_rows), tma_descriptor(b, block_rows)
 
 
 _TMA_BOX = None
@@ -302,24 +303,24 @@ class CachedLauncher:
                     if len(self.by_raw) >= self._MAX_RAW_KEYS:
                         self.by_raw.clear()
                     self.by_raw[raw] = kernel
+                gx, gy, gz = grid[0], grid[1], grid[2] if len(grid) > 2 else 1
                 stream = self._driver.active.get_current_stream(device)
-                if _INT_POINTERS[0]:
-                    plan = self.plans.get(kernel)
-                    if plan is None:
-                        plan = self.plans[kernel] = _descriptor_plan(kernel, n)
-                    if plan:
-                        raw, coop, pdl, slots, encode = plan
-                        for pos, meta in slots:  # last slot first: expanding one shifts the later ones
-                            pointers[pos:pos + 1] = encode(pointers[pos], meta)
-                        raw(grid[0], grid[1], grid[2] if len(grid) > 2 else 1, stream, kernel.function, coop, pdl,
-                            None, None, kernel.packed_metadata, None, None, None, *pointers, *args[n:], *constexprs)
-                    else:
-                        kernel.run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1, stream, kernel.function,
-                                   kernel.packed_metadata, None, None, None, *pointers, *args[n:], *constexprs)
-                else:
-                    launch = (grid[0], grid[1], grid[2] if len(grid) > 2 else 1, stream, kernel.function,
-                              kernel.packed_metadata, None, None, None)
+                if not _INT_POINTERS[0]:
+                    launch = (gx, gy, gz, stream, kernel.function, kernel.packed_metadata, None, None, None)
                     self._first_int_launch(kernel, launch, args, pointers, constexprs)
+                    return
+                plan = self.plans.get(kernel)
+                if plan is None:
+                    plan = self.plans[kernel] = _descriptor_plan(kernel, n)
+                if plan:
+                    raw, coop, pdl, slots, encode = plan
+                    for pos, meta in slots:  # last slot first: expanding one shifts the later ones
+                        pointers[pos:pos + 1] = encode(pointers[pos], meta)
+                    raw(gx, gy, gz, stream, kernel.function, coop, pdl, None, None, kernel.packed_metadata,
+                        None, None, None, *pointers, *args[n:], *constexprs)
+                else:
+                    kernel.run(gx, gy, gz, stream, kernel.function, kernel.packed_metadata, None, None, None,
+                               *pointers, *args[n:], *constexprs)
                 return
         self._slow(grid, args, constexprs, num_warps, num_stages)
 
