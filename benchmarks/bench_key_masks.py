@@ -5,7 +5,8 @@
 The padded benchmark shape of issue 5 (B32 H12 S512 D64 bf16, random lengths averaging 26 / 58 / 100%
 of S, ``query_mask`` = the key mask) and a causal one (B8 H12 S1024 D64), each with the mask as is and
 with 10% of the real keys masked out (holes). Prints median ms of ``do_bench`` for ours and for SDPA's
-cuDNN backend given the same boolean mask. Alternate two package copies with ``HF_TRITON_ATTN_SOURCE``.
+cuDNN backend given the same boolean mask; for masks without holes also ours on the packed tokens
+(varlen), and at full fill ours without a mask. Alternate two package copies with ``HF_TRITON_ATTN_SOURCE``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def lengths_mask(batch: int, seqlen: int, fill: float, holes: bool, seed: int) -
     return mask.cuda()
 
 
+def packed_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool):
+    """Ours on the real tokens only: (B, H, S, D) views of (B, S, H, D) packed to (T, H, D) with cu_seqlens."""
+    b, h, s, d = q.shape
+    lengths = mask.sum(1)
+    real = mask.reshape(-1).nonzero().squeeze(1)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = lengths.cumsum(0).to(torch.int32)
+    longest = int(lengths.max())
+    qp, kp, vp = (t.transpose(1, 2).reshape(b * s, h, d).index_select(0, real) for t in (q, k, v))
+    return functools.partial(flash_attention, qp, kp, vp, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                             max_seqlen_q=longest, max_seqlen_k=longest)
+
+
 def cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -59,18 +73,23 @@ def main(argv: list[str] | None = None) -> int:
             if causal:
                 sdpa_mask = sdpa_mask & torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
 
-            ours = functools.partial(flash_attention, q, k, v, causal=causal, attention_mask=mask,
-                                     query_mask=query_mask)
-            cudnn = functools.partial(cudnn_sdpa, q, k, v, sdpa_mask)
-            samples: dict[str, list[float]] = {"ours": [], "cudnn": []}
+            fns = {"ours": functools.partial(flash_attention, q, k, v, causal=causal, attention_mask=mask,
+                                             query_mask=query_mask),
+                   "cudnn": functools.partial(cudnn_sdpa, q, k, v, sdpa_mask)}
+            if not holes:  # the same batch packed (varlen, packing outside timing), and unmasked at full fill
+                fns["varlen"] = packed_call(q, k, v, mask, causal)
+                if fill >= 1.0:
+                    fns["nomask"] = functools.partial(flash_attention, q, k, v, causal=causal)
+            samples: dict[str, list[float]] = {name: [] for name in fns}
             for _ in range(args.reps):
-                for name, fn in (("ours", ours), ("cudnn", cudnn)):
+                for name, fn in fns.items():
                     do_bench(fn, warmup=1, rep=10)  # discarded (see common.bench_ms)
                     samples[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
             med = {name: statistics.median(xs) for name, xs in samples.items()}
             label = f"B{b} S{s} {'causal' if causal else 'noncausal'} fill {fill:.2f} {'holes' if holes else 'dense'}"
+            extra = "".join(f" | {name} {med[name]:.4f}" for name in ("varlen", "nomask") if name in med)
             print(f"{label:42s} ours {med['ours']:.4f} ({' '.join(f'{x:.4f}' for x in samples['ours'])}) | "
-                  f"cudnn {med['cudnn']:.4f} | {med['cudnn'] / med['ours']:.2f}x cudnn", flush=True)
+                  f"cudnn {med['cudnn']:.4f} | {med['cudnn'] / med['ours']:.2f}x cudnn{extra}", flush=True)
     return 0
 
 

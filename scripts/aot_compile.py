@@ -138,7 +138,8 @@ def build_cases() -> list[Case]:
         # seqlen_q was specialized to the constant 1 (GPU fuzz, 2026-11-26)
         dict(sq=1, sk=63, d=32, softcap=2.0, query_mask="bool"),
         dict(sq=17, sk=97, causal=True),                # Sq != Sk
-        dict(sq=64, sk=1024),                           # >= 1024 keys: the long-key TMA forward tile
+        dict(sq=64, sk=1024),                           # 1024-2047 keys: the 64x64 TMA forward tile
+        dict(sq=64, sk=2048),                           # >= 2048 keys: the 128x128 TMA forward tile
         dict(sq=64, sk=1024, d=128, dtype="bfloat16"),
         dict(segments=True, causal=True),               # HAS_SEGMENTS (HF packed position_ids)
         # the dq kernel where the default backward sums dq in the dk/dv kernel (configs.fuse_dq)
@@ -156,6 +157,7 @@ def build_cases() -> list[Case]:
         dict(varlen=True, causal=True, seqused_k=True),
         dict(softcap=50.0, alibi="h", causal=True),                            # softcap + alibi
         dict(dropout=0.1, causal=True, key_mask="bool"),                       # training step
+        dict(varlen=True, dropout=0.1),                                        # BERT fine-tune, unpadded
         dict(segments=True, causal=True, window=(16, 0), dropout=0.1, hkv=2, bshd=True),  # packed Mistral
     ]
     every_dense = dict(causal=True, window=(16, -1), softcap=30.0, alibi="bh", key_mask="bool",

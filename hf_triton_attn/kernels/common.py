@@ -180,6 +180,14 @@ def allowed_mask(
 
 
 @triton.jit
+def dot_operand_in_registers(x):
+    """``x`` as a computed value, so that a ``tl.dot`` taking it as its left operand reads it from
+    registers (wgmma's register-A form) instead of from shared memory on every call. Adding +0.0 is
+    exact (it only turns -0.0 into +0.0); Triton does not fold it away."""
+    return x + 0.0
+
+
+@triton.jit
 def load_kv_tiles(
     k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd,
     k_len, head_dim, head_dim_v,

@@ -20,11 +20,16 @@ def block_dim(d: int) -> int:
     return 16 if d <= 16 else 1 << (d - 1).bit_length()
 
 
+def key_tier(max_seqlen_k: int) -> int:
+    """0 below 1024 keys per sequence, 1 from 1024, 2 from 2048: what ``fwd_config`` tells apart."""
+    return 2 if max_seqlen_k >= 2048 else int(max_seqlen_k >= 1024)
+
+
 def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, diagonal: bool = False,
-               long_keys: bool = True, dropout: bool = False) -> dict:
+               keys: int = 2, dropout: bool = False) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages for the forward kernel (``tma``: K/V read through
     TMA descriptors; ``diagonal``: a causal or right-window mask, so tiles near it are partly masked;
-    ``long_keys``: at least 1024 keys per sequence, enough key blocks to fill a deep pipeline;
+    ``keys``: ``key_tier`` of the longest key sequence (how many key blocks feed the pipeline);
     ``dropout``: the keep-mask hash makes the loop integer-bound, which the 128-row tile serves worse)."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -38,9 +43,16 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         # 0.245 ms, 128x128 outside the top three (> 0.252 ms; ..._session2_run4_fill_sweep.log).
         # With dropout 0.1 (H100, sweep_configs.py --dropout 0.1: ..._h100_session4_fwd_sweep_dropout.json):
         # D=64 non-causal 64x64 w4 s3 0.499 / 1.957 ms at S = 1024 / 4096 vs 128x128 w4 s3 0.608 / 2.063.
+        # With Q as a register operand (forward.py), H100 bf16, HF layout, 2 alternating samples each
+        # (results/2026-11-27_h100_session10_run4_ab_fwd_tiles.log): D=64 non-causal S=1024 64x64
+        # 0.3272-0.3304 ms vs 128x128 0.3520-0.3557 (-7%); at S = 2048 / 4096 / 16384 the 128x128 tile
+        # stays ahead of 64x128 (0.658-0.664 vs 0.685-0.718, 1.277-1.294 vs 1.295-1.364, 4.84-4.85 vs
+        # 5.07-5.26); below 1024 keys 128x64 stays (S=512 with padding masks, fill 1.0: 0.106 vs 0.112
+        # for 64x64).
         if width <= 128 and not diagonal and not dropout:
-            block_n = 128 if long_keys else 64
-            return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=4, num_stages=3)
+            if keys == 1:
+                return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+            return dict(BLOCK_M=128, BLOCK_N=128 if keys == 2 else 64, num_warps=4, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:  # D <= 64 in 16-bit
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)

@@ -18,6 +18,7 @@ from .common import (
     LOG2E,
     allowed_mask,
     clamp_to_extent,
+    dot_operand_in_registers,
     dropout_keep,
     key_range_for_query_block,
     load_kv_tiles,
@@ -27,7 +28,7 @@ from .common import (
     score_transform,
     seq_bounds,
 )
-from .configs import block_dim, fwd_config
+from .configs import block_dim, fwd_config, key_tier
 from .launch import (
     FLAG_NAMES,
     CachedLauncher,
@@ -187,6 +188,15 @@ def _fwd_kernel(
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
         q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
+    if Q.dtype.element_ty != tl.float32 and BLOCK_D <= 128 and BLOCK_DV <= 128:
+        # Q as the register operand of every Q K^T wgmma instead of a shared-memory one: with both
+        # operands in shared memory a 64x64x16 wgmma reads 128 bytes per clock, all of Hopper's
+        # shared-memory bandwidth, beside the TMA writes of K and V. H100 bf16, 4 alternating samples
+        # (results/2026-11-27_h100_session10_run1_ab_qreg.log): causal D64 S1024 forward 0.2445-0.2457
+        # -> 0.2194-0.2207 ms (-10%), D128 non-causal 0-4% faster, the others within noise. Not at
+        # head dims past 128 (Q alone would take 64 registers per thread: sm_90 spills went 5 -> 27
+        # at D = 256) nor fp32 (tf32 dots).
+        q = dot_operand_in_registers(q)
 
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start * stride_kn
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start * stride_vn
@@ -288,13 +298,13 @@ _launch_fwd = CachedLauncher(_fwd_kernel, num_pointers=17)
 
 @functools.lru_cache(maxsize=256)
 def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
-              config: tuple | None, use_tma: bool, fused_scale: bool, long_keys: bool) -> tuple:
+              config: tuple | None, use_tma: bool, fused_scale: bool, keys: int) -> tuple:
     """(constexpr values in signature order, BLOCK_M, BLOCK_N, num_warps, num_stages): computed once
     per feature combination, so a decode step pays a dict lookup instead of rebuilding them."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     values = dict(zip(FLAG_NAMES, flags))
     cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size, tma=use_tma,
-                                                 diagonal=values["HAS_RIGHT"], long_keys=long_keys,
+                                                 diagonal=values["HAS_RIGHT"], keys=keys,
                                                  dropout=values["HAS_DROPOUT"])
     values.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, USE_TMA=use_tma,
@@ -323,7 +333,7 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
     constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
         tuple(sorted(config.items())) if config else None, tma,
-        softcap == 0.0 and alibi is None and sm_scale > 0.0, max_seqlen_k >= 1024)
+        softcap == 0.0 and alibi is None and sm_scale > 0.0, key_tier(max_seqlen_k))
     k_desc, v_desc = tma_descriptors(k, v, block_n) if tma else (None, None)
     q_desc, o_desc = tma_descriptors(q, o, block_m) if tma else (None, None)
     args = (q, k, v, o, lse,
