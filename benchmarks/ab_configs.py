@@ -2,7 +2,7 @@
 
     python -m benchmarks.ab_configs --configs 64:1024:nc:fwd,128:1024:nc:fwd [--dtype fp16] [--reps 3]
 
-Each config is ``D:S:c|nc:fwd|fwdbwd`` at the grid of issue 5 (B*S = 16384, H*D = 2048, q/k/v in the
+Each config is ``D:S:c|nc:fwd|fwdbwd[:dropout_p]`` at the grid of issue 5 (B*S = 16384, H*D = 2048, q/k/v in the
 Hugging Face layout as in bench_kernels.py). Prints one line per config: ours and SDPA's flash
 backend (FA2), median ms of do_bench, ``reps`` times alternating, and the ratio of the medians.
 Alternate two packages by running it in turn with and without ``HF_TRITON_ATTN_SOURCE=DIR``: one
@@ -28,47 +28,48 @@ from hf_triton_attn import flash_attention  # noqa: E402
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse(config: str) -> tuple[int, int, bool, str]:
-    d, s, causal, mode = config.split(":")
-    if causal not in ("c", "nc") or mode not in ("fwd", "fwdbwd"):
-        raise SystemExit(f"--configs: expected D:S:c|nc:fwd|fwdbwd, got {config!r}")
-    return int(d), int(s), causal == "c", mode
+def parse(config: str) -> tuple[int, int, bool, str, float]:
+    fields = config.split(":")
+    if len(fields) not in (4, 5) or fields[2] not in ("c", "nc") or fields[3] not in ("fwd", "fwdbwd"):
+        raise SystemExit(f"--configs: expected D:S:c|nc:fwd|fwdbwd[:dropout_p], got {config!r}")
+    dropout_p = float(fields[4]) if len(fields) == 5 else 0.0
+    return int(fields[0]), int(fields[1]), fields[2] == "c", fields[3], dropout_p
 
 
-def timer(fn, q, k, v, causal: bool, mode: str):
+def timer(fn, q, k, v, causal: bool, mode: str, dropout_p: float):
     dout = torch.randn_like(q)
 
     def fwd() -> torch.Tensor:
-        return fn(q, k, v, causal)
+        return fn(q, k, v, causal, dropout_p)
 
     def fwdbwd() -> None:
-        fn(q, k, v, causal).backward(dout)
+        fn(q, k, v, causal, dropout_p).backward(dout)
     step = fwd if mode == "fwd" else fwdbwd
     return lambda: do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
 
 
-def ours(q, k, v, causal):
-    return flash_attention(q, k, v, causal=causal)
+def ours(q, k, v, causal, dropout_p):
+    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
 
-def fa2(q, k, v, causal):
+def fa2(q, k, v, causal, dropout_p):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", required=True, help="comma list of D:S:c|nc:fwd|fwdbwd")
+    ap.add_argument("--configs", required=True, help="comma list of D:S:c|nc:fwd|fwdbwd[:dropout_p]")
     ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
     label = f"package {PACKAGE_SOURCE}" if PACKAGE_SOURCE else "package from the working tree"
     print(f"# {torch.cuda.get_device_name()}, {args.dtype}, {label}; ms: ours (samples) | fa2 (samples)")
     for config in args.configs.split(","):
-        d, s, causal, mode = parse(config)
+        d, s, causal, mode, dropout_p = parse(config)
         b, h = 16384 // s, 2048 // d
         q, k, v = (hf_layout(b, s, h, d, DTYPES[args.dtype], "cuda", mode == "fwdbwd") for _ in range(3))
-        run_ours, run_fa2 = timer(ours, q, k, v, causal, mode), timer(fa2, q, k, v, causal, mode)
+        run_ours, run_fa2 = (timer(fn, q, k, v, causal, mode, dropout_p) for fn in (ours, fa2))
         mine, theirs = [], []
         for _ in range(args.reps):
             mine.append(run_ours())

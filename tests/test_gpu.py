@@ -219,11 +219,13 @@ def test_descriptor_launch_plan_matches_tritons_wrapper(monkeypatch, causal, det
             assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max(), name
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
-def test_causal_dropout_gqa_backward_bf16(monkeypatch, deterministic):
-    """GPT-2-like training attention (causal, dropout 0.1, bf16, D = 64) with GQA and an odd length:
-    by default dq is summed by the dk/dv kernel with TMA reduce-adds, with deterministic=True by the
-    dq kernel; both meet the pass rule against the float64 oracle with the kernel's own keep mask."""
+def test_dropout_gqa_backward_bf16(monkeypatch, deterministic, causal):
+    """GPT-2-like training attention (dropout 0.1, bf16, D = 64; causal, or bidirectional as in BERT,
+    whose forward has its own tile) with GQA and an odd length: by default dq is summed by the dk/dv
+    kernel with TMA reduce-adds, with deterministic=True by the dq kernel; both meet the pass rule
+    against the float64 oracle with the kernel's own keep mask."""
     from hf_triton_attn.kernels import backward
     from hf_triton_attn.testing import draw_dropout_rng, dropout_keep_mask
 
@@ -234,7 +236,7 @@ def test_causal_dropout_gqa_backward_bf16(monkeypatch, deterministic):
             .requires_grad_() for _ in range(2))
     dq_launches = count_launches(monkeypatch, backward, "_launch_dq")
     torch.manual_seed(11)
-    out = flash_attention(q, k, v, causal=True, dropout_p=p, deterministic=deterministic, backend="triton")
+    out = flash_attention(q, k, v, causal=causal, dropout_p=p, deterministic=deterministic, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert len(dq_launches) == (1 if deterministic else 0)
@@ -245,7 +247,7 @@ def test_causal_dropout_gqa_backward_bf16(monkeypatch, deterministic):
     leaves = [t.detach() for t in (q, k, v)]
     ref_in = [leaves[0][sl].clone().requires_grad_()] + [t[kv_sl].clone().requires_grad_() for t in leaves[1:]]
     ora_in = [t.detach().double().requires_grad_() for t in ref_in]
-    kw = dict(causal=True, dropout_p=p, dropout_mask=mask[sl])
+    kw = dict(causal=causal, dropout_p=p, dropout_mask=mask[sl])
     ref = attention_reference(*ref_in, **kw)
     ora = attention_reference(*ora_in, **kw)
     assert_pass_rule("out", out[sl], ref, ora, torch.bfloat16)

@@ -30,7 +30,7 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
     """BLOCK_M, BLOCK_N, num_warps, num_stages for the forward kernel (``tma``: K/V read through
     TMA descriptors; ``diagonal``: a causal or right-window mask, so tiles near it are partly masked;
     ``keys``: ``key_tier`` of the longest key sequence (how many key blocks feed the pipeline);
-    ``dropout``: the keep-mask hash makes the loop integer-bound, which the 128-row tile serves worse)."""
+    ``dropout``: the keep-mask hash makes the loop integer-bound, which the 128x128 tile serves worse)."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
@@ -53,6 +53,12 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
             if keys == 1:
                 return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
             return dict(BLOCK_M=128, BLOCK_N=128 if keys == 2 else 64, num_warps=4, num_stages=3)
+        if width <= 128 and not diagonal:
+            # dropout (Q as a register operand, H100 bf16, 3 alternating samples, results/2026-11-27_
+            # h100_session10_run11_ab_dropout_tile.log): non-causal D=64 forward 128x64 0.4700-0.4735 /
+            # 1.714-1.715 ms vs 64x64 0.4788-0.4815 / 1.747-1.835 at S = 1024 / 4096; fwd+bwd 5.824-5.830
+            # vs 5.901-5.958 at S = 4096, equal at 1024
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:  # D <= 64 in 16-bit
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
