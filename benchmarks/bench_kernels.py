@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     max_abs_err,
     memory_limit_bytes,
     meta_title,
+    pack_padded,
     padded_lengths,
     plot_lines,
     read_json,
@@ -458,18 +459,9 @@ def run_padded_case(bench: Bench, shape: dict[str, int], dtype: str, fill: float
 
 
 def ours_varlen(bench: Bench, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> Candidate:
-    """Ours on the same batch packed (padding-free, cu_seqlens): the packing is outside timing, the
-    result is re-padded by indexing (timed, as a model-level unpadding adapter would not need it)."""
-    b, h, s, d = q.shape
-    real = (torch.arange(s)[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1).to(q.device)
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    cu[1:] = lengths.cumsum(0).to(torch.int32)
-    max_len = int(lengths.max())
-
-    def pack(t: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) view of (B, S, H, D) -> (T, H, D)
-        return t.transpose(1, 2).reshape(b * s, h, d).index_select(0, real).detach().requires_grad_(t.requires_grad)
-
-    qp, kp, vp = pack(q), pack(k), pack(v)
+    """Ours on the same batch packed (padding-free, cu_seqlens); the packing is outside timing."""
+    s = q.shape[2]
+    qp, kp, vp, cu, max_len = pack_padded(q, k, v, torch.arange(s)[None, :] < lengths[:, None])
     fn = ours_function()
     call = functools.partial(fn, qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                              max_seqlen_k=max_len, backend=bench.ours_backend)

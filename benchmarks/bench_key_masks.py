@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import PACKAGE_SOURCE, hf_layout, padded_lengths  # noqa: E402  (imports hf_triton_attn from DIR if set)
+from benchmarks.common import PACKAGE_SOURCE, hf_layout, pack_padded, padded_lengths  # noqa: E402  (imports hf_triton_attn from DIR if set)
 from hf_triton_attn import flash_attention  # noqa: E402
 
 
@@ -40,14 +40,8 @@ def lengths_mask(batch: int, seqlen: int, fill: float, holes: bool, seed: int) -
 
 
 def packed_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool):
-    """Ours on the real tokens only: (B, H, S, D) views of (B, S, H, D) packed to (T, H, D) with cu_seqlens."""
-    b, h, s, d = q.shape
-    lengths = mask.sum(1)
-    real = mask.reshape(-1).nonzero().squeeze(1)
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    cu[1:] = lengths.cumsum(0).to(torch.int32)
-    longest = int(lengths.max())
-    qp, kp, vp = (t.transpose(1, 2).reshape(b * s, h, d).index_select(0, real) for t in (q, k, v))
+    """Ours on the real tokens only (``common.pack_padded``), packing outside timing."""
+    qp, kp, vp, cu, longest = pack_padded(q, k, v, mask)
     return functools.partial(flash_attention, qp, kp, vp, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
                              max_seqlen_q=longest, max_seqlen_k=longest)
 

@@ -148,6 +148,26 @@ def padded_lengths(batch: int, seqlen: int, fill: float, gen: torch.Generator) -
     return (fill * seqlen * (0.5 + torch.rand(batch, generator=gen))).round().long().clamp(1, seqlen)
 
 
+def pack_padded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The real tokens of a right-padded batch, packed for varlen calls: ``(B, H, S, D)`` views of
+    ``(B, S, H, D)`` memory and a ``(B, S)`` bool mask -> ``(T, H, D)`` q, k, v (new leaves that require
+    grad where the inputs do), ``cu_seqlens`` ``(B + 1,)`` int32 and the longest length (host syncs:
+    call it outside timing)."""
+    b, h, s, d = q.shape
+    mask = mask.to(q.device)
+    lengths = mask.sum(1)
+    real = mask.reshape(-1).nonzero().squeeze(1)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = lengths.cumsum(0).to(torch.int32)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(b * s, h, d).index_select(0, real).detach().requires_grad_(t.requires_grad)
+
+    return pack(q), pack(k), pack(v), cu, int(lengths.max())
+
+
 def hf_layout(
     b: int, s: int, h: int, d: int, dtype: torch.dtype, device: str, requires_grad: bool = False
 ) -> torch.Tensor:

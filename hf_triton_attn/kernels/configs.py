@@ -49,16 +49,16 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         # stays ahead of 64x128 (0.658-0.664 vs 0.685-0.718, 1.277-1.294 vs 1.295-1.364, 4.84-4.85 vs
         # 5.07-5.26); below 1024 keys 128x64 stays (S=512 with padding masks, fill 1.0: 0.106 vs 0.112
         # for 64x64).
-        if width <= 128 and not diagonal and not dropout:
+        # With dropout (Q as a register operand, H100 bf16, 3 alternating samples, results/2026-11-27_
+        # h100_session10_run11_ab_dropout_tile.log): non-causal D=64 forward 128x64 0.4700-0.4735 /
+        # 1.714-1.715 ms vs 64x64 0.4788-0.4815 / 1.747-1.835 at S = 1024 / 4096; fwd+bwd 5.824-5.830
+        # vs 5.901-5.958 at S = 4096, equal at 1024.
+        if width <= 128 and not diagonal:
+            if dropout or keys == 0:
+                return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
             if keys == 1:
                 return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-            return dict(BLOCK_M=128, BLOCK_N=128 if keys == 2 else 64, num_warps=4, num_stages=3)
-        if width <= 128 and not diagonal:
-            # dropout (Q as a register operand, H100 bf16, 3 alternating samples, results/2026-11-27_
-            # h100_session10_run11_ab_dropout_tile.log): non-causal D=64 forward 128x64 0.4700-0.4735 /
-            # 1.714-1.715 ms vs 64x64 0.4788-0.4815 / 1.747-1.835 at S = 1024 / 4096; fwd+bwd 5.824-5.830
-            # vs 5.901-5.958 at S = 4096, equal at 1024
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:  # D <= 64 in 16-bit
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
