@@ -1,6 +1,6 @@
 """Forward time with a key padding mask: hole-free (right padding, as HF tokenizers give) or with holes.
 
-    python -m benchmarks.bench_key_masks [--reps 3]
+    python -m benchmarks.bench_key_masks [--reps 3] [--graph]
 
 The padded benchmark shape of issue 5 (B32 H12 S512 D64 bf16, random lengths averaging 26 / 58 / 100%
 of S, ``query_mask`` = the key mask) and a causal one (B8 H12 S1024 D64), each with the mask as is and
@@ -24,6 +24,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import PACKAGE_SOURCE, hf_layout, pack_padded, padded_lengths  # noqa: E402  (imports hf_triton_attn from DIR if set)
+from benchmarks.decode_timing import graph_of  # noqa: E402
 from hf_triton_attn import flash_attention  # noqa: E402
 
 
@@ -54,10 +55,13 @@ def cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--graph", action="store_true",
+                    help="time CUDA-graph replays of each call: GPU time without the host's launch cost, "
+                         "which these 0.03-0.1 ms calls can exceed on a slow host")
     args = ap.parse_args(argv)
     cases = [(32, 12, 512, False, fill) for fill in (0.26, 0.58, 1.0)] + [(8, 12, 1024, True, 0.58)]
     print(f"# {torch.cuda.get_device_name()}, bf16 D64, package {PACKAGE_SOURCE or 'from the working tree'}; "
-          "fwd ms: ours (samples) | sdpa_cudnn with the same mask")
+          f"fwd ms{' (CUDA-graph replays)' if args.graph else ''}: ours (samples) | sdpa_cudnn with the same mask")
     for b, h, s, causal, fill in cases:
         for holes in (False, True):
             mask = lengths_mask(b, s, fill, holes, seed=int(fill * 1000))
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 fns["varlen"] = packed_call(q, k, v, mask, causal)
                 if fill >= 1.0:
                     fns["nomask"] = functools.partial(flash_attention, q, k, v, causal=causal)
+            if args.graph:
+                fns = {name: graph_of(fn).replay for name, fn in fns.items()}
             samples: dict[str, list[float]] = {name: [] for name in fns}
             for _ in range(args.reps):
                 for name, fn in fns.items():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Alternating A/B rounds of package copies on one GPU machine: for each round, for each package DIR
 # (a copy of hf_triton_attn/ under DIR, or "tree" for the working tree), one process of
-# benchmarks.ab_configs and, with KEY_MASKS=1, one of benchmarks.bench_key_masks.
+# benchmarks.ab_configs and, with KEY_MASKS=1, one of benchmarks.bench_key_masks (KEY_MASKS_ARGS=--graph:
+# timed as CUDA-graph replays, without the host's launch cost).
 #
 #   ROUNDS=2 CONFIGS=64:1024:c:fwd,128:1024:nc:fwd DTYPE=bf16 KEY_MASKS=1 bash scripts/ab_rounds.sh .base tree
 #
@@ -19,7 +20,7 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
             python -m benchmarks.ab_configs --configs "$CONFIGS" --dtype "${DTYPE:-bf16}" --reps 1 2>&1 | grep -v "^#"
         fi
         if [ "${KEY_MASKS:-0}" = 1 ]; then
-            python -m benchmarks.bench_key_masks --reps 1 2>&1 | grep -v "^#"
+            python -m benchmarks.bench_key_masks --reps 1 ${KEY_MASKS_ARGS:-} 2>&1 | grep -v "^#"
         fi
     done
 done

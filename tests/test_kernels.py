@@ -387,3 +387,20 @@ def test_cached_launch_passes_pointers_as_ints_only_where_the_launcher_takes_the
     assert launch._INT_POINTERS[0] is takes_ints
     expected = (t.data_ptr(), None, 7, 0.5, "C") if takes_ints else (t, None, 7, 0.5, "C")
     assert [c[9:] for c in calls] == [expected, expected]
+
+
+def test_forward_config_takes_64_row_blocks_for_short_packed_sequences(monkeypatch):
+    """The GPU forward config of a varlen batch follows its mean sequence length (host-side shapes
+    only, no sync): sequences averaging under 384 rows take 64-row query blocks, longer ones and
+    causal batches keep 128 rows (configs.fwd_config; measured in
+    benchmarks/results/2026-11-27_h100_session11_run6_padded_configs.log)."""
+    from hf_triton_attn.kernels import configs
+
+    monkeypatch.setattr(configs, "INTERPRETED", False)
+    assert configs.short_varlen_rows(32 * 297, 32) and not configs.short_varlen_rows(32 * 512, 32)
+    assert not configs.short_varlen_rows(384, 1) and configs.short_varlen_rows(383, 1)
+    short = configs.fwd_config(64, 64, 2, short_rows=True)
+    assert (short["BLOCK_M"], short["BLOCK_N"]) == (64, 64)
+    for kw in (dict(short_rows=False), dict(short_rows=True, diagonal=True)):
+        cfg = configs.fwd_config(64, 64, 2, **kw)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 64), kw

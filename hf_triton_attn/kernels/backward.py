@@ -346,9 +346,8 @@ def _bwd_dq_inner(
             s2 = tl.where(ok, s2, float("-inf"))
         if HAS_KEY_MASK:
             s2 = tl.where(key_ok[None, :], s2, float("-inf"))
+        # padded query rows (lse2 = +inf; a NaN score there would give p = NaN) are zeroed once, at the end
         p = tl.exp2(s2 - lse2[:, None])
-        if HAS_QUERY_MASK:
-            p = tl.where(lse2[:, None] == float("inf"), 0.0, p)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
@@ -458,6 +457,8 @@ def _bwd_dq_kernel(
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_KEY_MASK,
         HAS_QUERY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
+    if HAS_QUERY_MASK:  # row i of dq depends on row i of dS only: one select per row instead of per score
+        dq = tl.where(lse2[:, None] == float("inf"), 0.0, dq)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 

@@ -25,12 +25,19 @@ def key_tier(max_seqlen_k: int) -> int:
     return 2 if max_seqlen_k >= 2048 else int(max_seqlen_k >= 1024)
 
 
+def short_varlen_rows(total_rows: int, num_seqs: int) -> bool:
+    """Whether a packed (varlen) batch's sequences average fewer than 384 query rows, where the forward
+    takes 64-row query blocks (``fwd_config``'s ``short_rows``)."""
+    return total_rows < 384 * num_seqs
+
+
 def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, diagonal: bool = False,
-               keys: int = 2, dropout: bool = False) -> dict:
+               keys: int = 2, dropout: bool = False, short_rows: bool = False) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages for the forward kernel (``tma``: K/V read through
     TMA descriptors; ``diagonal``: a causal or right-window mask, so tiles near it are partly masked;
     ``keys``: ``key_tier`` of the longest key sequence (how many key blocks feed the pipeline);
-    ``dropout``: the keep-mask hash makes the loop integer-bound, which the 128x128 tile serves worse)."""
+    ``dropout``: the keep-mask hash makes the loop integer-bound, which the 128x128 tile serves worse;
+    ``short_rows``: a varlen batch of short sequences, ``short_varlen_rows``)."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     width = max(block_d, block_dv) * elem_size  # bytes per row of a tile
@@ -61,6 +68,12 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
             return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:  # D <= 64 in 16-bit
+        # Packed sequences much shorter than 128-row blocks: 64-row blocks round less of each sequence
+        # up. H100 bf16, B32 H12 S512 D64 non-causal, right-padded lengths packed, CUDA-graph replays
+        # (results/2026-11-27_h100_session11_run6_padded_configs.log): mean 133 rows 0.0289 ms (64x64
+        # w4 s3) vs 0.0312 (128x64); mean 297 rows 0.0620 vs 0.0643; all 512 rows 0.1049 vs 0.1014.
+        if short_rows and not diagonal:
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 256:  # D <= 128 in 16-bit, D <= 64 in fp32
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)

@@ -28,7 +28,7 @@ from .common import (
     score_transform,
     seq_bounds,
 )
-from .configs import block_dim, fwd_config, key_tier
+from .configs import block_dim, fwd_config, key_tier, short_varlen_rows
 from .launch import (
     FLAG_NAMES,
     CachedLauncher,
@@ -298,14 +298,14 @@ _launch_fwd = CachedLauncher(_fwd_kernel, num_pointers=17)
 
 @functools.lru_cache(maxsize=256)
 def _fwd_meta(head_dim: int, head_dim_v: int, elem_size: int, flags: tuple, dot_precision: str,
-              config: tuple | None, use_tma: bool, fused_scale: bool, keys: int) -> tuple:
+              config: tuple | None, use_tma: bool, fused_scale: bool, keys: int, short_rows: bool) -> tuple:
     """(constexpr values in signature order, BLOCK_M, BLOCK_N, num_warps, num_stages): computed once
     per feature combination, so a decode step pays a dict lookup instead of rebuilding them."""
     block_d, block_dv = block_dim(head_dim), block_dim(head_dim_v)
     values = dict(zip(FLAG_NAMES, flags))
     cfg = dict(config) if config else fwd_config(block_d, block_dv, elem_size, tma=use_tma,
                                                  diagonal=values["HAS_RIGHT"], keys=keys,
-                                                 dropout=values["HAS_DROPOUT"])
+                                                 dropout=values["HAS_DROPOUT"], short_rows=short_rows)
     values.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, USE_TMA=use_tma,
                   FUSED_SCALE=fused_scale, DOT_PRECISION=dot_precision)
@@ -333,7 +333,8 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
     constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
         tuple(sorted(config.items())) if config else None, tma,
-        softcap == 0.0 and alibi is None and sm_scale > 0.0, key_tier(max_seqlen_k))
+        softcap == 0.0 and alibi is None and sm_scale > 0.0, key_tier(max_seqlen_k),
+        is_varlen and short_varlen_rows(q.shape[0], num_seqs))
     k_desc, v_desc = tma_descriptors(k, v, block_n) if tma else (None, None)
     q_desc, o_desc = tma_descriptors(q, o, block_m) if tma else (None, None)
     args = (q, k, v, o, lse,

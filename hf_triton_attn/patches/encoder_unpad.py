@@ -98,6 +98,11 @@ class _Ordinary(str):
     taken silently. Every other reason is warned once."""
 
 
+# made once here: torch 2.11's dynamo cannot trace ``str.__new__`` (a fullgraph trace of the encoder
+# failed on building this reason inside it; torch 2.13 traces it)
+_COMPILE_TRACING = _Ordinary("torch.compile tracing")
+
+
 def _hf_interface():
     """The interface adapter module, imported on first use (only it imports transformers at import)."""
     from . import hf_interface
@@ -305,7 +310,7 @@ def _split(args: tuple, kwargs: dict) -> tuple[object, object, tuple, dict]:
 
 def _fallback_reason(encoder: torch.nn.Module, hidden, mask, extra_args: tuple, rest: dict) -> str | None:
     if torch.compiler.is_compiling():
-        return _Ordinary("torch.compile tracing")
+        return _COMPILE_TRACING
     return (_call_reason(hidden, mask, extra_args, rest) or _module_reason(encoder)
             or _capture_reason(_active_capture()))
 
