@@ -6,7 +6,7 @@ and its real tokens packed (varlen, pointer loads). Each (fill, path, config) is
 CUDA graph and timed by ``do_bench`` on the replay, so the host's launch cost (which these
 0.03-0.1 ms calls can exceed) stays out; SDPA cuDNN with the same mask is timed the same way.
 
-    python -m benchmarks.padded_configs [--fills 0.26,0.58,1.0] [--out DIR]
+    python -m benchmarks.padded_configs [--fills 0.26,0.58,1.0] [--dropout 0.1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ def graph_ms(fn) -> float | None:
     return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
-def launch_args(num_seqs: int, max_len: int, key_mask, query_mask, cu, is_varlen: bool) -> dict:
+def launch_args(num_seqs: int, max_len: int, key_mask, query_mask, cu, is_varlen: bool, dropout_p: float) -> dict:
     """flash_fwd's keywords for a non-causal bf16 batch without the other features."""
+    rng = torch.tensor([1234, 5678], device="cuda", dtype=torch.int64) if dropout_p else None
     return dict(key_mask=key_mask, query_mask=query_mask, segments=None, seqused_k=None,
-                cu_seqlens_q=cu, cu_seqlens_k=cu, alibi=None, rng=None, max_seqlen_q=max_len,
+                cu_seqlens_q=cu, cu_seqlens_k=cu, alibi=None, rng=rng, max_seqlen_q=max_len,
                 max_seqlen_k=max_len, num_seqs=num_seqs, sm_scale=D**-0.5, softcap=0.0, window_left=-1,
-                window_right=-1, dropout_p=0.0, is_varlen=is_varlen, dot_precision="ieee")
+                window_right=-1, dropout_p=dropout_p, is_varlen=is_varlen, dot_precision="ieee")
 
 
-def time_fill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fill: float) -> list[dict]:
+def time_fill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fill: float, dropout_p: float) -> list[dict]:
     """Every config on both paths at one fill, printed best first; the rows for the JSON."""
     lengths = padded_lengths(B, S, fill, torch.Generator().manual_seed(int(fill * 1000)))
     mask = (torch.arange(S)[None, :] < lengths[:, None]).cuda()
@@ -67,9 +68,11 @@ def time_fill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fill: float) ->
     cudnn = graph_ms(cudnn_call)
     o, lse = torch.empty_like(q), torch.empty(B, H, S, device="cuda", dtype=torch.float32)
     op, lsep = torch.empty_like(qp), torch.empty(H, qp.shape[0], device="cuda", dtype=torch.float32)
+    masked_args = launch_args(B, S, mask, mask, None, False, dropout_p)
+    packed_args = launch_args(B, max_len, None, None, cu, True, dropout_p)
     paths = {
-        "masks": functools.partial(flash_fwd, q, k, v, o, lse, **launch_args(B, S, mask, mask, None, False)),
-        "varlen": functools.partial(flash_fwd, qp, kp, vp, op, lsep, **launch_args(B, max_len, None, None, cu, True)),
+        "masks": functools.partial(flash_fwd, q, k, v, o, lse, **masked_args),
+        "varlen": functools.partial(flash_fwd, qp, kp, vp, op, lsep, **packed_args),
     }
     print(f"fill {fill:.2f}: cudnn {cudnn:.4f} ms", flush=True)
     rows = []
@@ -80,20 +83,22 @@ def time_fill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fill: float) ->
         for cfg, ms in ranked[:4]:
             print(f"  {path:6s} {ms:.4f} ms ({cudnn / ms:.2f}x cudnn) {cfg}", flush=True)
         print(f"  {path:6s} default {default_ms:.4f} ms ({cudnn / default_ms:.2f}x cudnn)", flush=True)
-        rows += [dict(fill=fill, path=path, config=cfg, ms=ms, cudnn_ms=cudnn) for cfg, ms in results]
+        rows += [dict(fill=fill, dropout_p=dropout_p, path=path, config=cfg, ms=ms, cudnn_ms=cudnn)
+                 for cfg, ms in results]
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fills", default="0.26,0.58,1.0")
+    ap.add_argument("--dropout", type=float, default=0.0, help="attention dropout p of our calls (cuDNN: p = 0)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     q, k, v = (hf_layout(B, S, H, D, torch.bfloat16, "cuda") for _ in range(3))
-    print(f"# {torch.cuda.get_device_name()}; B{B} H{H} S{S} D{D} bf16 forward, ms of CUDA-graph replays; "
-          f"default = configs.fwd_config", flush=True)
-    rows = [row for fill in args.fills.split(",") for row in time_fill(q, k, v, float(fill))]
+    print(f"# {torch.cuda.get_device_name()}; B{B} H{H} S{S} D{D} bf16 forward, dropout {args.dropout}, ms of "
+          f"CUDA-graph replays; default = configs.fwd_config", flush=True)
+    rows = [row for fill in args.fills.split(",") for row in time_fill(q, k, v, float(fill), args.dropout)]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "padded_configs.json"), "w") as f:

@@ -72,6 +72,7 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         # up. H100 bf16, B32 H12 S512 D64 non-causal, right-padded lengths packed, CUDA-graph replays
         # (results/2026-11-27_h100_session11_run6_padded_configs.log): mean 133 rows 0.0289 ms (64x64
         # w4 s3) vs 0.0312 (128x64); mean 297 rows 0.0620 vs 0.0643; all 512 rows 0.1049 vs 0.1014.
+        # With dropout 0.1 (..._run10_padded_configs_dropout.log): mean 297 rows 0.0683 vs 0.0772.
         if short_rows and not diagonal:
             return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
