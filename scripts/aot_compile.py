@@ -131,7 +131,8 @@ def build_cases() -> list[Case]:
         dict(key_mask="bool"), dict(key_mask="int64"),  # HAS_KEY_MASK (HF masks are int64)
         dict(query_mask="bool"),                        # HAS_QUERY_MASK
         dict(seqused_k=True),                           # HAS_SEQUSED_K
-        dict(varlen=True),                              # IS_VARLEN
+        dict(varlen=True),                              # IS_VARLEN (short sequences: 64-row forward blocks)
+        dict(varlen=True, sq=512, sk=512, backward=False),  # varlen sequences >= 384 rows: 128-row blocks
         dict(dropout=0.1),                              # HAS_DROPOUT
         dict(sq=1, sk=64, causal=True, key_mask="int64"),  # decode step
         # Sq = 1 backward with softcap + query mask at D = 32: ptxas 3.6 crashed on it while
