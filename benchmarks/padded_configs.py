@@ -24,8 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import collect_meta, hf_layout, pack_padded, padded_lengths  # noqa: E402
+from benchmarks.bench_key_masks import lengths_mask  # noqa: E402
+from benchmarks.common import collect_meta, hf_layout, pack_padded  # noqa: E402
 from benchmarks.decode_timing import graph_of  # noqa: E402
+from benchmarks.sweep_configs import common_args  # noqa: E402
 from hf_triton_attn.kernels.forward import flash_fwd  # noqa: E402
 
 B, H, S, D = 32, 12, 512, 64
@@ -46,18 +48,15 @@ def graph_ms(fn) -> float | None:
 
 
 def launch_args(num_seqs: int, max_len: int, key_mask, query_mask, cu, is_varlen: bool, dropout_p: float) -> dict:
-    """flash_fwd's keywords for a non-causal bf16 batch without the other features."""
+    """flash_fwd's keywords (``sweep_configs.common_args``) for a non-causal batch with these masks / packing."""
     rng = torch.tensor([1234, 5678], device="cuda", dtype=torch.int64) if dropout_p else None
-    return dict(key_mask=key_mask, query_mask=query_mask, segments=None, seqused_k=None,
-                cu_seqlens_q=cu, cu_seqlens_k=cu, alibi=None, rng=rng, max_seqlen_q=max_len,
-                max_seqlen_k=max_len, num_seqs=num_seqs, sm_scale=D**-0.5, softcap=0.0, window_left=-1,
-                window_right=-1, dropout_p=dropout_p, is_varlen=is_varlen, dot_precision="ieee")
+    return dict(common_args(num_seqs, H, max_len, False, D), key_mask=key_mask, query_mask=query_mask,
+                cu_seqlens_q=cu, cu_seqlens_k=cu, rng=rng, dropout_p=dropout_p, is_varlen=is_varlen)
 
 
 def time_fill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fill: float, dropout_p: float) -> list[dict]:
     """Every config on both paths at one fill, printed best first; the rows for the JSON."""
-    lengths = padded_lengths(B, S, fill, torch.Generator().manual_seed(int(fill * 1000)))
-    mask = (torch.arange(S)[None, :] < lengths[:, None]).cuda()
+    mask = lengths_mask(B, S, fill, holes=False, seed=int(fill * 1000))
     qp, kp, vp, cu, max_len = pack_padded(q, k, v, mask)
     sdpa_mask = mask[:, None, None, :]
 

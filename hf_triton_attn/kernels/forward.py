@@ -192,8 +192,8 @@ def _fwd_kernel(
         # Q as the register operand of every Q K^T wgmma instead of a shared-memory one: with both
         # operands in shared memory a 64x64x16 wgmma reads 128 bytes per clock, all of Hopper's
         # shared-memory bandwidth, beside the TMA writes of K and V. H100 bf16, 2 alternating rounds
-        # (4 samples with Q in registers; results/2026-11-27_h100_session10_run1_ab_qreg.log): causal D64 S1024 forward 0.2445-0.2457
-        # -> 0.2194-0.2207 ms (-10%), D128 non-causal 0-4% faster, the others within noise. Not at
+        # (4 samples with Q in registers; results/2026-11-27_h100_session10_run1_ab_qreg.log): causal
+        # D64 S1024 forward 0.2445-0.2457 -> 0.2194-0.2207 ms (-10%), D128 non-causal 0-4% faster, the others within noise. Not at
         # head dims past 128 (Q alone would take 64 registers per thread: sm_90 spills went 5 -> 27
         # at D = 256) nor fp32 (tf32 dots).
         q = dot_operand_in_registers(q)
