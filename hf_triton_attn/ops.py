@@ -585,8 +585,8 @@ def flash_attention(
         causal: query i sees key j iff ``j <= i + Sk - Sq`` (bottom-right aligned).
         softmax_scale: defaults to ``D ** -0.5``.
         dropout_p: dropout on the probabilities (pass 0.0 at eval); a counter-based hash seeded from torch's
-            generator, so ``torch.manual_seed`` reproduces it; ``dropout_p`` is applied to 2**-16
-            (each score is kept when a 16-bit draw is >= round(p * 2**16)).
+            generator, so ``torch.manual_seed`` reproduces it; ``dropout_p`` is applied to 2**-15
+            (each score is kept when a 14-bit draw is >= round(p * 2**14)).
         attention_mask: ``(B, Sk)`` bool/int, nonzero = real key (HF tokenizer convention).
         query_mask: ``(B, Sq)`` bool/int, nonzero = real query; padded rows are skipped, output 0.
         seqused_k: ``(B,)`` int32, only the first ``seqused_k[b]`` keys of row b exist.

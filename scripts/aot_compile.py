@@ -134,6 +134,7 @@ def build_cases() -> list[Case]:
         dict(varlen=True),                              # IS_VARLEN (short sequences: 64-row forward blocks)
         dict(varlen=True, sq=512, sk=512, backward=False),  # varlen sequences >= 384 rows: 128-row blocks
         dict(dropout=0.1),                              # HAS_DROPOUT
+        dict(dropout=0.1, d=128, dtype="bfloat16"),     # dropout with dq's own kernel (D=128)
         dict(sq=1, sk=64, causal=True, key_mask="int64"),  # decode step
         # Sq = 1 backward with softcap + query mask at D = 32: ptxas 3.6 crashed on it while
         # seqlen_q was specialized to the constant 1 (GPU fuzz, 2026-11-26)

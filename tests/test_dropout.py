@@ -86,12 +86,12 @@ def _correlation_z(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_mask_has_no_correlations_between_neighbours(p):
-    """The keep-mask hashes a pair of keys (2c, 2c + 1) to 32 bits and gives each key one 16-bit half;
-    row and column keys are XOR-combined before the hash's tail. None of that may show as structure:
-    the two keys of a pair, neighbouring pairs, the next key but one, neighbouring rows and heads,
-    and the (i, j), (i, j'), (i', j), (i', j') quads that an XOR combination could tie together are
+    """The keep-mask hashes a pair of keys (2c, 2c + 1) to 32 bits and gives each key the top 14 bits of
+    one half; row and column keys are added before the hash's tail. None of that may show as structure:
+    the two keys of a pair, neighbouring pairs, the next key but one, neighbouring rows and heads, and the
+    (i, j), (i, j'), (i', j), (i', j') quads that an additive combination could tie together are
     uncorrelated within 5 standard errors (n = 2**20 scores). A hash that gives both keys of a pair
-    the same half, or the identity instead of the tail, fails these."""
+    the same half fails these."""
     torch.manual_seed(1)
     mask = dropout_keep_mask(draw_dropout_rng(DEVICE), 1, 2, 512, 1024, p).cpu()
     k = mask[0]  # (heads, rows, keys)

@@ -584,6 +584,29 @@ def test_dropout_keep_rate_read_from_the_kernel_output():
     assert not torch.equal(out, out2), "a second call reused the first call's mask"
 
 
+@pytest.mark.parametrize("p", [1e-4, 0.3, 0.97, 0.9999])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+def test_dropout_mask_read_from_16bit_kernel_output(dtype, p):
+    """Compiled for the GPU, the forward zeroes the dropped entries of a 16-bit P in key pairs with inline
+    PTX (an fp16x2 compare of the two 14-bit draws, ``kernels/common.py::dropout_zero``), where fp32 and
+    the interpreter select with the boolean mask that ``dropout_keep_mask`` also takes. Read the 16-bit
+    kernel's mask out of its output as above (odd Sq, Sk and Dv = Sk) at thresholds from 2 to 16382 of
+    2**14: it is the helper's, bit for bit."""
+    b, h, sq, sk = 4, 4, 37, 130  # 77k scores: ~9 of them differ from the rest at either end of p
+    q = torch.zeros(b, h, sq, 16, device=DEVICE, dtype=dtype)
+    k = torch.zeros(b, h, sk, 16, device=DEVICE, dtype=dtype)
+    v = torch.eye(sk, device=DEVICE, dtype=dtype).expand(b, h, sk, sk)
+    torch.manual_seed(5)
+    out = fa(q, k, v, dropout_p=p)
+    scaled = out.float() * (sk * (1 - p))
+    keep = scaled.round()
+    assert ((scaled - keep).abs() < 2e-2).all() and ((keep == 0) | (keep == 1)).all()
+    torch.manual_seed(5)
+    expected = dropout_keep_mask(draw_dropout_rng(DEVICE), b, h, sq, sk, p)
+    assert torch.equal(keep.bool(), expected), f"{(keep.bool() != expected).sum().item()} of {keep.numel()} differ"
+    assert 0 < expected.sum() < expected.numel()
+
+
 # ==============================================================================================
 # 7. autocast
 # ==============================================================================================

@@ -10,18 +10,22 @@ Conventions used by every kernel:
 - Packed sequences in the dense layout (``segment_ids``, Sq == Sk): token t belongs to the run
   ``[seg_start_t, seg_end_t)``; (i, j) is allowed only when j lies in i's run, which is the same
   as i lying in j's run, so query-side and key-side range bounds come from the same two arrays.
-- Dropout keeps element (b, h, i, j) when a 16-bit slice of ``hash(seed, offset, b*H + h, i, j // 2)``
-  is ``>= round(p * 2**16)`` (``dropout_keep``), so forward, backward and the test helper regenerate
+- Dropout keeps element (b, h, i, j) when a 14-bit slice of ``hash(seed, offset, b*H + h, i, j // 2)``
+  is ``>= round(p * 2**14)`` (``dropout_hash``), so forward, backward and the test helper regenerate
   the same mask from global coordinates.
 """
 
 import triton
 import triton.language as tl
 
+from .configs import INTERPRETED
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # mask / LSE entries read per step by mask_extent and lse_extent
 EXTENT_CHUNK = tl.constexpr(1024)
+# inline PTX where the kernels are compiled for the GPU (the interpreter runs none)
+INLINE_PTX = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
@@ -277,28 +281,36 @@ def _mix32_tail(x):
 
 
 @triton.jit
-def dropout_keep(
-    seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr,
-):
-    """[BLOCK_M, BLOCK_N] bool keep-mask from global (row b*H+h, query i, key j) coordinates.
+def dropout_hash(seed, rng_offset, bh, offs_m, start_n, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N // 2] uint32 ``y``: the hash of key pairs (2c, 2c + 1) from global (row b*H+h,
+    query i, key j) coordinates, all but its final xor-shift. The pair's 32 bits are
+    ``x = y ^ (y >> 15)``: key 2c's 14-bit draw is bits 2-15 of x, key 2c + 1's bits 18-31 (the top
+    14 bits of each half). ``keep_from_hash`` and ``dropout_zero`` turn them into the keep-mask.
 
-    Keys come in pairs (2c, 2c + 1) (``start_n`` is even: block starts are multiples of the block).
-    Each (i, c) hashes its coordinates to 32 bits, ``x = tail(row_key(seed, offset, b*H+h, i) ^ c * K)``,
-    with the per-row key fully mixed once per row (``_mix32``) and ``tail`` two multiply / xor-shift
-    rounds (``_mix32_tail``); key 2c reads the low 16 bits of x, key 2c + 1 the high 16 bits, and is
-    kept when its 16 bits are ``>= T = round(p * 2**16)`` (keep rate 1 - T / 2**16: p to 2**-17).
+    Keys come in pairs (``start_n`` is even: block starts are multiples of the block).
+    ``x = tail(row_key(seed, offset, b*H+h, i) + c * G)``: the per-row key is fully mixed once per row
+    (``_mix32``), ``G = 0x61C88647`` spreads consecutive pairs, and ``tail`` is two multiply /
+    xor-shift rounds (``_mix32_tail``). Its first multiply distributes over the sum, so it costs one
+    add per pair: ``(row_key * K1) + c * (G * K1)``.
 
     Why: the keep-mask is integer work per score next to a tensor-core dot that at D = 64 gives each
-    score ~256 FLOPs, and Hopper issues integer instructions at half the FP32 rate. Philox-4x32-10
-    per score made the GPT-2 train step's attention 12.6 ms (SDPA 3.5 ms); one 32-bit hash per score
-    cost 12.4 integer instructions per score in the forward's main loop; a hash per key pair with this
-    shorter tail costs ~6 (counted in the sm_90 SASS, ``scripts/sass_loops.py``).
+    score ~256 FLOPs, and Hopper's integer ALU pipe issues a warp instruction every other cycle (the
+    FP32 pipes every cycle). Philox-4x32-10 per score made the GPT-2 train step's attention 12.6 ms
+    (SDPA 3.5 ms); one 32-bit hash per score cost 12.4 integer instructions per score in the forward's
+    main loop; a hash per key pair costs ~3 (counted in the sm_90 SASS, ``scripts/sass_loops.py``).
+    A cheaper one, the folded 64-bit product of a row key and a column key (wyhash's "mum": one
+    IMAD.WIDE + one LOP3 per pair), cut the forward's loop from 807 to 751 instructions per tile but
+    measured slower (H100 bf16, non-causal D=64 S=1024 with dropout 0.1: forward 0.431 -> 0.446 ms,
+    fwd+bwd 1.68 -> 1.78; results/2026-11-27_h100_session12_run3_ab_dropout_hash_mum.log).
     Pairing adjacent keys needs no data movement: the pair sits in one thread's registers in
     Hopper's wgmma accumulator layout, and ``join`` + ``reshape`` compile to no layout conversion.
+    Why 14 bits: as fp16 bit patterns, 0 .. 0x3FFF are finite and non-negative, ordered as the
+    integers, so one half-precision pair compare tests both keys (``dropout_zero``); and the top bits
+    of each half, because ``x >= 4 T << 16`` then tests key 2c + 1 without masking x first.
     Statistics (tests/test_dropout.py): keep rate, and correlations between the two keys of a pair,
-    neighbouring pairs, rows, and the (i, j), (i, j'), (i', j), (i', j') quads that XOR-combined
-    row and column keys could correlate, all within sampling noise.
-    The mask depends on (seed, offset, b*H+h, i, j) only: forward, backward and the test helper
+    neighbouring pairs, rows, and the (i, j), (i, j'), (i', j), (i', j') quads that additively
+    combined row and column keys could correlate, all within sampling noise.
+    The hash depends on (seed, offset, b*H+h, i, j) only: forward, backward and the test helper
     (kernels/dropout.py) regenerate it for any block shape with an even BLOCK_N.
     """
     seed = seed.to(tl.int64)
@@ -308,23 +320,70 @@ def dropout_keep(
     key = _mix32(key ^ (rng_offset & 0xFFFFFFFF).to(tl.uint32))
     key = _mix32(key ^ ((rng_offset >> 32) & 0xFFFFFFFF).to(tl.uint32))
     key = _mix32(key ^ bh.to(tl.uint32))
-    row = _mix32(key ^ offs_m.to(tl.uint32))  # [BLOCK_M]
+    row = _mix32(key ^ offs_m.to(tl.uint32)) * 0x21F0AAAD  # [BLOCK_M] row key * K1
     pairs = start_n // 2 + tl.arange(0, BLOCK_N // 2)
-    col = pairs.to(tl.uint32) * 0x61C88647  # [BLOCK_N // 2], an odd multiplier spreads consecutive pairs
-    x = _mix32_tail(row[:, None] ^ col[None, :])  # [BLOCK_M, BLOCK_N // 2] uint32
-    threshold = dropout_threshold16(dropout_p)
-    keep_even = (x & 0xFFFF) >= threshold  # key 2c
-    keep_odd = x >= (threshold << 16)  # key 2c + 1: high half >= T
-    # [BLOCK_M, BLOCK_N // 2, 2] -> [BLOCK_M, BLOCK_N]: key 2c + e at column 2c + e
-    return tl.join(keep_even, keep_odd).reshape([offs_m.shape[0], BLOCK_N])
+    col = pairs.to(tl.uint32) * 0x473DE3FB  # [BLOCK_N // 2] c * G * K1 (mod 2**32)
+    x = row[:, None] + col[None, :]  # [BLOCK_M, BLOCK_N // 2] (row key + c G) K1
+    x = x ^ (x >> 15)
+    return x * 0x735A2D97
 
 
 @triton.jit
-def dropout_threshold16(dropout_p):
-    """``round(p * 2**16)`` as uint32 (p < 1, so at most 2**16 - 1 after clamping): a 16-bit draw
-    ``u`` is kept when ``u >= T``."""
-    t = tl.minimum(tl.zeros([], dtype=tl.float32) + dropout_p * 65536.0 + 0.5, 65535.0)
-    return t.to(tl.uint32)
+def dropout_threshold(dropout_p):
+    """``4 T`` as uint32, with ``T = round(p * 2**14)`` at most 2**14 - 1: a key is kept when its 14-bit
+    draw is ``>= T`` (keep rate ``1 - T / 2**14``: p to 2**-15), i.e. when the 16-bit half of the hash
+    that holds the draw in its top 14 bits is ``>= 4 T``."""
+    # rounded and scaled in fp32 (exact: at most 2**16): an integer ``* 4`` lets LLVM use that the
+    # threshold is a multiple of 4, which cost the D=64 dq kernel's loop 95 SASS instructions per tile
+    t = tl.minimum(tl.floor(tl.zeros([], dtype=tl.float32) + dropout_p * 16384.0 + 0.5), 16383.0)
+    return (t * 4.0).to(tl.uint32)
+
+
+@triton.jit
+def keep_from_hash(y, threshold, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool keep-mask from ``dropout_hash`` and ``dropout_threshold``."""
+    x = y ^ (y >> 15)
+    keep_even = (x & 0xFFFF) >= threshold  # key 2c: bits 2-15 >= T, i.e. bits 0-15 >= 4 T
+    keep_odd = x >= (threshold << 16)  # key 2c + 1: bits 18-31 >= T, i.e. bits 16-31 >= 4 T
+    # [BLOCK_M, BLOCK_N // 2, 2] -> [BLOCK_M, BLOCK_N]: key 2c + e at column 2c + e
+    return tl.join(keep_even, keep_odd).reshape([y.shape[0], BLOCK_N])
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool keep-mask of the tile at (offs_m, start_n) (see ``dropout_hash``)."""
+    y = dropout_hash(seed, rng_offset, bh, offs_m, start_n, BLOCK_N)
+    return keep_from_hash(y, dropout_threshold(dropout_p), BLOCK_N)
+
+
+@triton.jit
+def dropout_zero(p, y, threshold, BLOCK_N: tl.constexpr):
+    """``p`` [BLOCK_M, BLOCK_N] (a matmul operand, already in its dtype) with the dropped entries 0;
+    ``y`` and ``threshold`` from ``dropout_hash`` and ``dropout_threshold``.
+
+    Compiled for the GPU with a 16-bit ``p``: ``((y >> 2) ^ (y >> 17)) & 0x3FFF3FFF`` is x's two 14-bit
+    draws at the bottom of their halves (x's final xor-shift and the move in 3 instructions instead
+    of 4), then one inline PTX block per pair: ``set.ge.u32.f16x2`` compares both with T as fp16 bit
+    patterns (finite and non-negative there, so ordered as the integers: the same test as
+    ``keep_from_hash``) and yields 0xFFFF per kept half; ``and.b32`` applies that to the packed pair
+    of p, whose halves are keys 2c (low) and 2c + 1 (high) as in the draws. Per pair: 2 SHF + 2 LOP3
+    + HSET2 (sm_90 SASS) where the boolean mask cost SHF + 2 LOP3 + 2 ISETP + 2 FSEL + 2 FMUL (a
+    select on the 16-bit values would be 2 PRMT + 2 SEL).
+    Elsewhere (the interpreter, which runs no inline assembly; 32-bit p) it selects with
+    ``keep_from_hash``: the same mask, bit for bit (tests/test_edge_cases.py reads the 16-bit kernels'
+    mask out of their output and compares it with ``testing.dropout_keep_mask``, which takes this path).
+    """
+    if INLINE_PTX and p.dtype.primitive_bitwidth == 16:
+        draws = ((y >> 2) ^ (y >> 17)) & 0x3FFF3FFF
+        # [BLOCK_M, BLOCK_N]: each key sees its pair's draws; pack=2 hands one asm block the two
+        # neighbouring keys (2c, 2c + 1) of a row as one 32-bit register of p and two copies of draws.
+        pair_draws = tl.join(draws, draws).reshape([y.shape[0], BLOCK_N])
+        pair_threshold = (threshold >> 2) * 0x10001  # T in both halves
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 keep; set.ge.u32.f16x2 keep, $2, $4; and.b32 $0, $1, keep; }",
+            "=r,r,r,r,r,r", [p, pair_draws, pair_threshold], dtype=p.dtype, is_pure=True, pack=2)
+    else:
+        return tl.where(keep_from_hash(y, threshold, BLOCK_N), p, 0.0)
 
 
 @triton.jit

@@ -19,7 +19,9 @@ from .common import (
     allowed_mask,
     clamp_to_extent,
     dot_operand_in_registers,
-    dropout_keep,
+    dropout_hash,
+    dropout_threshold,
+    dropout_zero,
     key_range_for_query_block,
     load_kv_tiles,
     load_segments,
@@ -117,13 +119,13 @@ def _fwd_inner(
         p = tl.exp2(s2 * s2_scale - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
-            # 1 / (1 - p) is applied once at the end. A multiply, not tl.where(keep, p, 0): LLVM moves
-            # that select past the fp16 conversion below, where it costs two byte permutes and two
-            # selects per key pair (sm_90 SASS) instead of one FSEL + one FMUL per score.
-            p = p * tl.where(keep, 1.0, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:  # the kept entries of p's matmul operand; 1 / (1 - p) is applied once at the end
+            y = dropout_hash(seed, rng_offset, bh, offs_m, start_n, BLOCK_N)
+            acc = acc * alpha[:, None] + tl.dot(
+                dropout_zero(p.to(v.dtype), y, dropout_threshold(dropout_p), BLOCK_N), v,
+                input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
