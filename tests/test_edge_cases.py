@@ -557,22 +557,32 @@ def test_deterministic_backward_with_dropout_mask_and_gqa_is_bitwise():
         assert torch.equal(a, b)
 
 
+def _mask_probe(b, h, sq, sk, dtype=torch.float32):
+    """q = k = 0 (16 dims) and v = I (Dv = Sk): p is uniform (1/Sk), so out[i, j] = keep[i, j] / (Sk (1 - p))."""
+    q = torch.zeros(b, h, sq, 16, device=DEVICE, dtype=dtype)
+    k = torch.zeros(b, h, sk, 16, device=DEVICE, dtype=dtype)
+    return q, k, torch.eye(sk, device=DEVICE, dtype=dtype).expand(b, h, sk, sk)
+
+
+def _keep_read_from(out, sk, p, tol):
+    """The bool keep-mask behind a ``_mask_probe`` output: every entry within ``tol`` of 0 or 1 once scaled."""
+    scaled = out.float() * (sk * (1 - p))
+    keep = scaled.round()
+    assert ((scaled - keep).abs() < tol).all() and ((keep == 0) | (keep == 1)).all()
+    return keep.bool()
+
+
 def test_dropout_keep_rate_read_from_the_kernel_output():
     """Read the kernel's own keep mask out of its output: q = k = 0 makes p uniform (1/Sk) and v = I
     makes out[i, j] = keep[i, j] / (Sk (1 - p)). The keep rate is within 6 sigma of 1 - p (binomial),
     the mask is the one ``dropout_keep_mask`` reproduces, rows/heads/batches differ, and a second call
     without reseeding draws a new mask."""
     b, h, sq, sk, p = 2, 2, 64, 64, 0.3
-    q = torch.zeros(b, h, sq, 16, device=DEVICE)
-    k = torch.zeros(b, h, sk, 16, device=DEVICE)
-    v = torch.eye(sk, device=DEVICE).expand(b, h, sk, sk)
+    q, k, v = _mask_probe(b, h, sq, sk)
     torch.manual_seed(123)
     out = fa(q, k, v, dropout_p=p)
     out2 = fa(q, k, v, dropout_p=p)
-    scaled = out * (sk * (1 - p))
-    keep = scaled.round()
-    assert ((scaled - keep).abs() < 1e-4).all() and ((keep == 0) | (keep == 1)).all()
-    keep = keep.bool()
+    keep = _keep_read_from(out, sk, p, 1e-4)
     torch.manual_seed(123)
     assert torch.equal(keep, dropout_keep_mask(draw_dropout_rng(DEVICE), b, h, sq, sk, p))
     n = keep.numel()
@@ -593,17 +603,12 @@ def test_dropout_mask_read_from_16bit_kernel_output(dtype, p):
     kernel's mask out of its output as above (odd Sq, Sk and Dv = Sk) at thresholds from 2 to 16382 of
     2**14: it is the helper's, bit for bit."""
     b, h, sq, sk = 4, 4, 37, 130  # 77k scores: ~9 of them differ from the rest at either end of p
-    q = torch.zeros(b, h, sq, 16, device=DEVICE, dtype=dtype)
-    k = torch.zeros(b, h, sk, 16, device=DEVICE, dtype=dtype)
-    v = torch.eye(sk, device=DEVICE, dtype=dtype).expand(b, h, sk, sk)
+    q, k, v = _mask_probe(b, h, sq, sk, dtype)
     torch.manual_seed(5)
-    out = fa(q, k, v, dropout_p=p)
-    scaled = out.float() * (sk * (1 - p))
-    keep = scaled.round()
-    assert ((scaled - keep).abs() < 2e-2).all() and ((keep == 0) | (keep == 1)).all()
+    keep = _keep_read_from(fa(q, k, v, dropout_p=p), sk, p, 2e-2)
     torch.manual_seed(5)
     expected = dropout_keep_mask(draw_dropout_rng(DEVICE), b, h, sq, sk, p)
-    assert torch.equal(keep.bool(), expected), f"{(keep.bool() != expected).sum().item()} of {keep.numel()} differ"
+    assert torch.equal(keep, expected), f"{(keep != expected).sum().item()} of {keep.numel()} differ"
     assert 0 < expected.sum() < expected.numel()
 
 

@@ -119,6 +119,8 @@ def _fwd_inner(
         p = tl.exp2(s2 * s2_scale - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        # Two spellings of one update: converting p before ``acc * alpha`` in the plain case too (one line
+        # for both) reorders its IR and changed the non-dropout SASS; this keeps it byte for byte.
         if HAS_DROPOUT:  # the kept entries of p's matmul operand; 1 / (1 - p) is applied once at the end
             y = dropout_hash(seed, rng_offset, bh, offs_m, start_n, BLOCK_N)
             acc = acc * alpha[:, None] + tl.dot(
@@ -195,8 +197,8 @@ def _fwd_kernel(
         # operands in shared memory a 64x64x16 wgmma reads 128 bytes per clock, all of Hopper's
         # shared-memory bandwidth, beside the TMA writes of K and V. H100 bf16, 2 alternating rounds
         # (4 samples with Q in registers; results/2026-11-27_h100_session10_run1_ab_qreg.log): causal
-        # D64 S1024 forward 0.2445-0.2457 -> 0.2194-0.2207 ms (-10%), D128 non-causal 0-4% faster, the others within noise. Not at
-        # head dims past 128 (Q alone would take 64 registers per thread: sm_90 spills went 5 -> 27
+        # D64 S1024 forward 0.2445-0.2457 -> 0.2194-0.2207 ms (-10%), D128 non-causal 0-4% faster, the
+        # others within noise. Not at head dims past 128 (Q alone would take 64 registers per thread: sm_90 spills went 5 -> 27
         # at D = 256) nor fp32 (tf32 dots).
         q = dot_operand_in_registers(q)
 
