@@ -3,10 +3,10 @@
     python -m benchmarks.profile_kernels [--out DIR] [--cases SUBSTRING,...]
 
 Cases: the BERT-like padded batch of bench_kernels (B=32, H=12, S=512, D=64, bf16) dense, with a
-key+query mask at 26% and 100% fill, and packed (varlen) at 26%; the dropout shape (B=16, H=32,
-S=1024, D=64) at p = 0 and 0.1; causal B=16, H=32, S=1024, D=64 fp16 for ours and SDPA's flash
-backend (FA2) in the Hugging Face layout ((B, S, H, D) transposed) and contiguous (B, H, S, D).
-For each: CUDA time per iteration of every kernel and the host time
+key+query mask at 26% and 100% fill, and packed (varlen) at 26%; the dropout shapes (B=16, H=32,
+S=1024, D=64 and B=16, H=16, S=1024, D=128) at p = 0 and 0.1; causal B=16, H=32, S=1024, D=64 fp16
+for ours and SDPA's flash backend (FA2) in the Hugging Face layout ((B, S, H, D) transposed) and
+contiguous (B, H, S, D). For each: CUDA time per iteration of every kernel and the host time
 per iteration (every input's .grad is reset each step, so no gradient-accumulation kernel shows; before
 2026-11-26 session 6 only q's was, and k/v's accumulation showed as ``aten::add_``). Writes
 profile_kernels.txt.
@@ -51,6 +51,9 @@ def cases():
     q2, k2, v2 = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
     for p in (0.0, 0.1):
         yield f"dropout {p} B16 H32 S1024 D64", lambda p=p: flash_attention(q2, k2, v2, dropout_p=p), (q2, k2, v2)
+    q3, k3, v3 = hf(b, s, 16, 128), hf(b, s, 16, 128), hf(b, s, 16, 128)
+    for p in (0.0, 0.1):
+        yield f"dropout {p} B16 H16 S1024 D128", lambda p=p: flash_attention(q3, k3, v3, dropout_p=p), (q3, k3, v3)
     yield from layout_cases()
 
 
