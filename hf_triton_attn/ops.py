@@ -478,6 +478,9 @@ def _op_setup_context(ctx, inputs, output):
                           cu_seqlens_k, alibi, rng)
     ctx.scalars = tuple(scalars)
     ctx.mark_non_differentiable(lse)
+    # The LSE never gets a gradient: without this, autograd passed the backward a zero-filled tensor
+    # of its shape on every call (one allocation and one fill launch per attention backward).
+    ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, dout, _dlse):

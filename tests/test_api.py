@@ -148,6 +148,39 @@ def test_lse_shapes():
     assert lse.shape == (4, 9)
 
 
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_backward_gets_no_zero_filled_lse_gradient(path):
+    """The LSE output never gets a gradient (non-differentiable), so nothing may allocate and zero-fill
+    one on each backward (autograd's default for an output without a gradient: it did, one allocation
+    and one fill launch per call). Both autograd paths: the eager Function, and the custom op's
+    registration that torch.compile runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like"):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, 16, torch.float32)
+    if path == "eager":
+        out, lse = flash_attention(q, k, v, causal=True, backend=BACKEND, return_lse=True)
+    else:
+        out, lse = ops._flash_attn_fwd_op(q, k, v, None, None, None, None, None, None, None, None, 20, 20, 0.25,
+                                          0.0, -1, 0, 0.0, False, not ON_GPU)
+    mode = ZeroFills()
+    with mode:
+        out.sum().backward()
+    assert tuple(lse.shape) not in mode.shapes, mode.shapes
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend):
     """The custom op with its fake implementation traces with no graph break, forward and backward."""
