@@ -149,12 +149,18 @@ def attention_share(fn: Callable[[], Any], impl: str, device: str) -> dict[str, 
 # --------------------------------------------------------------------------- tasks
 
 
-def task_gpt2_train(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def gpt2_train_setup(impl: str, args, device: str, dtype: torch.dtype):
+    """(model in train mode, token ids, fused AdamW) of the ``gpt2_train`` task (also memory_probe.py's)."""
     batch, seqlen = (2, 64) if args.quick else (8, 1024)
     model = build("gpt2", impl, args.quick, device, dtype).train()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    return model, ids, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+
+
+def task_gpt2_train(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    model, ids, opt = gpt2_train_setup(impl, args, device, dtype)
+    batch, seqlen = ids.shape
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import build  # noqa: E402
+from benchmarks.bench_models import gpt2_train_setup  # noqa: E402
 from benchmarks.common import collect_meta, meta_title  # noqa: E402
 
 MB = 1 << 20
@@ -133,11 +133,7 @@ def _attention_backward_blocks(model, ids) -> list[dict[str, Any]] | None:
 
 
 def probe(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    batch, seqlen = (2, 64) if args.quick else (8, 1024)
-    model = build("gpt2", impl, args.quick, device, dtype).train()
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    model, ids, opt = gpt2_train_setup(impl, args, device, dtype)
     cuda = device == "cuda"
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
