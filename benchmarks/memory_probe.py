@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {e['MB']:8.2f} MB  {e['where']}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "memory_probe.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1,
-                                                               default=str))
+        rows = [dict(impl=impl, **rec) for impl, rec in records.items()]  # {"meta", "records": [...]}, as elsewhere
+        (args.out / "memory_probe.json").write_text(json.dumps({"meta": meta, "records": rows}, indent=1, default=str))
     return 0
 
 
