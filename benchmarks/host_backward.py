@@ -182,7 +182,7 @@ def _thread_parts() -> None:
         "4x empty_like": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                                   torch.empty_like(lse)),
         "current_device + stream": lambda: driver.active.get_current_stream(torch.cuda.current_device()),
-        "flash_bwd (3 launches)": lambda: flash_bwd(dout, q, k, v, out, lse, delta, dq, dk, dv, **args),
+        "flash_bwd (all launches)": lambda: flash_bwd(dout, q, k, v, out, lse, delta, dq, dk, dv, **args),
         "_backward_impl": lambda: ops._backward_impl(dout, q, k, v, out, lse, *scalars),
     }
 

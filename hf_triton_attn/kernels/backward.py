@@ -65,9 +65,10 @@ def _bwd_delta_kernel(
     IS_VARLEN: tl.constexpr, ZERO_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32; with ZERO_ACC also zeroes the
-    rows' fp32 dq sums of the fused backward (FlashAttention-2's preprocess does the same): one pass
-    that reads 2 and writes 4 bytes per element instead of a separate memset launch."""
+    """delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32 for the fused backward (the split
+    one computes it in the dq kernel); with ZERO_ACC also zeroes the rows' fp32 dq sums (FlashAttention-2's
+    preprocess does the same): one pass that reads 2 and writes 4 bytes per element instead of a separate
+    memset launch."""
     start_m, bh = program_tile(seqlen_q, BLOCK_M)
     b = bh // num_heads
     h = bh % num_heads
@@ -362,11 +363,12 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     KEY_MASK, SEGMENTS, SEQUSED_K, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_lb, stride_lh, stride_lm,
@@ -396,6 +398,20 @@ def _bwd_dq_kernel(
     dq_ptrs = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
 
+    # delta = rowsum(O * dO) in fp32 for this block's rows, written for the dk/dv kernel that runs next
+    # (the split backward launches dq first): no separate delta pass over O and dO. Every live row
+    # gets it, padded ones too: the dk/dv kernel multiplies their p = 0 by (dp - delta). H200 bf16
+    # fwd+bwd, 2 alternating rounds (results/2026-11-27_h200_session13_run8_ab_delta_in_dq.log):
+    # non-causal D64 S1024 1.411 / 1.415 -> 1.393 / 1.389 ms, causal D128 0.922 / 0.925 -> 0.904 /
+    # 0.910, non-causal D128 S4096 4.697 / 4.676 -> 4.634 / 4.629; fused-dq control unchanged.
+    dv_mask = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=dv_mask, other=0.0)
+    o = tl.load(O + b64 * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=dv_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [BLOCK_M]
+    tl.store(DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + rows * stride_lm, delta, mask=row_ok)
+
     lse2 = _load_lse2(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + rows * stride_lm, row_ok)
     if HAS_QUERY_MASK:
         if tl.min(lse2, axis=0) == float("inf"):  # padded query rows only: gradient 0
@@ -404,9 +420,6 @@ def _bwd_dq_kernel(
 
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=dq_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    delta = tl.load(DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + rows * stride_lm, mask=row_ok, other=0.0)
 
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start * stride_kn
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start * stride_vn
@@ -469,7 +482,7 @@ def _bwd_dq_kernel(
 
 _launch_delta = CachedLauncher(_bwd_delta_kernel, num_pointers=5)
 _launch_dkdv = CachedLauncher(_bwd_dkdv_kernel, num_pointers=19)
-_launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=16)
+_launch_dq = CachedLauncher(_bwd_dq_kernel, num_pointers=17)
 _DELTA_BLOCK = 64
 
 
@@ -532,7 +545,8 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
               dropout_p: float, is_varlen: bool, dot_precision: str, config: dict | None = None,
               config_dq: dict | None = None, use_tma: bool | None = None, deterministic: bool = False,
               dq_mode: str | None = None) -> None:
-    """Launch delta, dk/dv and dq kernels. Writes ``delta``, ``dq``, ``dk``, ``dv``.
+    """Launch the backward: dq (which also writes ``delta``), then dk/dv; or, with dq fused into dk/dv,
+    the delta kernel (which also zeroes the fp32 dq sums), then dk/dv. Writes ``delta``, ``dq``, ``dk``, ``dv``.
 
     Same layouts as ``forward.flash_fwd`` (dense 4-D or packed 3-D); ``delta`` has the layout of ``lse``.
     ``query_mask`` is only used as a flag: padded query rows carry LSE = -inf from the forward.
@@ -582,10 +596,16 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
     q_st, k_st, v_st, do_st, o_st, dk_st, dv_st = [bhsd_strides(t, vl) for t in (q, k, v, do, o, dk, dv)]
     lse_st = rows_strides(lse, vl)
     acc_st = bhsd_strides(dq_acc, vl) if fused else (0, 0, 0, 0)
-    _launch_delta(
-        tile_grid(max_seqlen_q, _DELTA_BLOCK, num_seqs * num_heads),
-        (o, do, delta, ptr_or(dq_acc, lse), optional[3], *o_st, *do_st, *rows_strides(delta, vl), *acc_st,
-         max_seqlen_q, num_heads, head_dim, head_dim_v), delta_cx, 4, 1)
+    if fused:
+        _launch_delta(
+            tile_grid(max_seqlen_q, _DELTA_BLOCK, num_seqs * num_heads),
+            (o, do, delta, ptr_or(dq_acc, lse), optional[3], *o_st, *do_st, *rows_strides(delta, vl), *acc_st,
+             max_seqlen_q, num_heads, head_dim, head_dim_v), delta_cx, 4, 1)
+    else:  # the dq kernel runs first and also writes delta (see _bwd_dq_kernel)
+        _launch_dq(
+            tile_grid(max_seqlen_q, dq_block_m, num_seqs * num_heads),
+            (q, k, v, o, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *o_st, *do_st,
+             *bhsd_strides(dq, vl), *lse_st, *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)
     _launch_dkdv(
         tile_grid(max_seqlen_k, dkdv_block_n, num_seqs * num_kv_heads),
         (q, k, v, do, lse, delta, dk, dv, ptr_or(dq_acc, lse), *optional, q_desc, do_desc, dq_desc, *q_st, *k_st,
@@ -593,8 +613,3 @@ def flash_bwd(do, q, k, v, o, lse, delta, dq, dk, dv, key_mask, query_mask, segm
         dkdv_cx, dkdv_warps, dkdv_stages)
     if fused:
         torch.mul(dq_acc, sm_scale, out=dq)
-        return
-    _launch_dq(
-        tile_grid(max_seqlen_q, dq_block_m, num_seqs * num_heads),
-        (q, k, v, do, lse, delta, dq, *optional, k_desc, v_desc, *q_st, *k_st, *v_st, *do_st, *bhsd_strides(dq, vl),
-         *lse_st, *km_strides, *ab_strides, *scalars), dq_cx, dq_warps, dq_stages)
