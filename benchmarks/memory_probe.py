@@ -18,7 +18,6 @@ Prints a table and writes ``memory_probe.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_models import gpt2_train_setup  # noqa: E402
-from benchmarks.common import collect_meta, meta_title  # noqa: E402
+from benchmarks.common import collect_meta, meta_title, write_json  # noqa: E402
 
 MB = 1 << 20
 
@@ -87,12 +86,10 @@ def _phase_peaks(model, opt, ids, cuda: bool) -> dict[str, float]:
     return out
 
 
-def _attention_backward_blocks(model, ids) -> list[dict[str, Any]] | None:
-    """Allocator events while the LAST layer's attention backward runs (CUDA): a gradient hook on the
-    attention output (c_proj's input) starts the allocator's history, one on c_attn's output (the
+def _attention_backward_blocks(model, ids) -> list[dict[str, Any]]:
+    """Allocator events while the LAST layer's attention backward runs (CUDA only): a gradient hook on
+    the attention output (c_proj's input) starts the allocator's history, one on c_attn's output (the
     q/k/v projections, whose gradient is complete once the attention backward is done) snapshots it."""
-    if not torch.cuda.is_available():
-        return None
     attn = model.transformer.h[-1].attn
     record = torch.cuda.memory._record_memory_history
     taken: list[dict] = []
@@ -181,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 if e["action"] == "alloc" and e["MB"] >= 0.25:
                     print(f"  {e['MB']:8.2f} MB  {e['where']}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        rows = [dict(impl=impl, **rec) for impl, rec in records.items()]  # {"meta", "records": [...]}, as elsewhere
-        (args.out / "memory_probe.json").write_text(json.dumps({"meta": meta, "records": rows}, indent=1, default=str))
+        write_json(args.out / "memory_probe.json", meta, [dict(impl=impl, **rec) for impl, rec in records.items()])
     return 0
 
 

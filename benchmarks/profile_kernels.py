@@ -47,13 +47,11 @@ def cases():
     mx = int(lens.max())
     yield ("varlen fill 0.26", lambda: flash_attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
                                                        max_seqlen_k=mx), tuple(packed))
-    b, h, s = 16, 32, 1024
-    q2, k2, v2 = hf(b, s, h, d), hf(b, s, h, d), hf(b, s, h, d)
-    for p in (0.0, 0.1):
-        yield f"dropout {p} B16 H32 S1024 D64", lambda p=p: flash_attention(q2, k2, v2, dropout_p=p), (q2, k2, v2)
-    q3, k3, v3 = hf(b, s, 16, 128), hf(b, s, 16, 128), hf(b, s, 16, 128)
-    for p in (0.0, 0.1):
-        yield f"dropout {p} B16 H16 S1024 D128", lambda p=p: flash_attention(q3, k3, v3, dropout_p=p), (q3, k3, v3)
+    b, s = 16, 1024
+    for h, d in ((32, 64), (16, 128)):  # H * D = 2048
+        qkv = tuple(hf(b, s, h, d) for _ in range(3))
+        for p in (0.0, 0.1):
+            yield (f"dropout {p} B{b} H{h} S{s} D{d}", lambda p=p, qkv=qkv: flash_attention(*qkv, dropout_p=p), qkv)
     yield from layout_cases()
 
 
