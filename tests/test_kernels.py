@@ -144,6 +144,36 @@ def test_varlen(dtype, causal):
     check_against_oracle(q, k, v, causal=causal, **kw)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_neighbours_non_finite_values_stay_out(monkeypatch, causal):
+    """The forward reads a packed sequence's Q, K and V tiles as TMA boxes from its cu_seqlens row,
+    so a box past the sequence's end holds the next sequence's rows (real memory). NaN keys and inf
+    values in one sequence must change nothing in its neighbours: outputs and gradients of the other
+    sequences are bitwise those of a batch where that sequence is finite."""
+    from hf_triton_attn.kernels import forward, launch
+
+    described = []
+    real_descriptor = forward.packed_tma_descriptor
+    monkeypatch.setattr(forward, "packed_tma_descriptor", lambda *a: described.append(a) or real_descriptor(*a))
+    lens = [37, 5, 70]  # the middle one is shorter than a block and straddles block edges
+    results = []
+    for poisoned in (False, True):
+        q, k, v, kw = _varlen_inputs(lens, lens, 2, 2, 40, 40, torch.float16)
+        if poisoned:
+            with torch.no_grad():
+                k[37:42, 1] = float("nan")
+                v[37:42, 0] = float("inf")
+        out = flash_attention(q, k, v, causal=causal, backend=BACKEND, **kw)
+        out.backward(torch.ones_like(out))
+        keep = torch.cat([torch.arange(0, 37), torch.arange(42, 112)]).to(DEVICE)
+        results.append([t[keep] for t in (out, q.grad, k.grad, v.grad)])
+    for name, clean, dirty in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(clean).all(), name
+        assert torch.equal(clean, dirty), name
+    if launch._tma_usable(torch.device(DEVICE)):
+        assert described, "packed fp16 tensors with 16-byte strides take the TMA path"
+
+
 def test_varlen_window_seqused():
     q, k, v, kw = _varlen_inputs([33, 20, 7], [33, 41, 7], 2, 2, 32, 32, torch.float32)
     check_against_oracle(q, k, v, causal=True, window_size=(9, 0), **kw)
@@ -399,8 +429,11 @@ def test_forward_config_takes_64_row_blocks_for_short_packed_sequences(monkeypat
     monkeypatch.setattr(configs, "INTERPRETED", False)
     assert configs.short_varlen_rows(32 * 297, 32) and not configs.short_varlen_rows(32 * 512, 32)
     assert not configs.short_varlen_rows(384, 1) and configs.short_varlen_rows(383, 1)
-    short = configs.fwd_config(64, 64, 2, short_rows=True)
-    assert (short["BLOCK_M"], short["BLOCK_N"]) == (64, 64)
+    for tma in (False, True):  # packed tensors are read by TMA where they allow it
+        short = configs.fwd_config(64, 64, 2, tma=tma, short_rows=True, keys=0)
+        assert (short["BLOCK_M"], short["BLOCK_N"]) == (64, 64), tma
+        cfg = configs.fwd_config(64, 64, 2, tma=tma, short_rows=False, keys=0)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 64), tma
     for kw in (dict(short_rows=False), dict(short_rows=True, diagonal=True)):
         cfg = configs.fwd_config(64, 64, 2, **kw)
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 64), kw

@@ -61,6 +61,8 @@ def fwd_config(block_d: int, block_dv: int, elem_size: int, tma: bool = False, d
         # 1.714-1.715 ms vs 64x64 0.4788-0.4815 / 1.747-1.835 at S = 1024 / 4096; fwd+bwd 5.824-5.830
         # vs 5.901-5.958 at S = 4096, equal at 1024.
         if width <= 128 and not diagonal:
+            if short_rows:  # packed short sequences, as without TMA below
+                return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
             if dropout or keys == 0:
                 return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
             if keys == 1:

@@ -38,11 +38,13 @@ from .launch import (
     bhsd_strides,
     feature_flag_values,
     mask_strides,
+    packed_tma_descriptor,
     ptr_or,
     rows_strides,
     segment_strides,
     tile_grid,
     tma_can_read,
+    tma_can_read_packed,
     tma_descriptors,
 )
 
@@ -50,7 +52,7 @@ from .launch import (
 @triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q,
-    k_base, v_base, k_desc, v_desc, b, h_kv, key_mask_base,
+    k_base, v_base, k_desc, v_desc, b, h_kv, k_row0, key_mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
     offs_m, offs_d, offs_dv, head_dim, head_dim_v,
     q_len, k_len, sm_scale, softcap, slope, window_left, window_right, seg_start, seg_end,
@@ -61,7 +63,8 @@ def _fwd_inner(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     # log2(e) * sm_scale, applied once per element (FUSED_SCALE: inside the exp2's FMA)
@@ -84,9 +87,13 @@ def _fwd_inner(
             # at D64 S1024 non-causal (H100, 3 alternating rounds, results/2026-11-26_h100_session6_
             # run6_ab_configs.log); and for unequal head dims, where ptxas 3.6 crashes (SIGSEGV)
             # without it on D/Dv = 40/256, 128/256, 256/16 (scripts/aot_compile.py).
-            kT = tl.trans(k_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
-            v = v_desc.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
-            if MASKED and (HAS_SEQUSED_K or BLOCK_D != BLOCK_DV or not (HAS_LEFT or HAS_RIGHT)):
+            # Packed (varlen) tensors are described as (1, H, T, D): the sequence's rows start at
+            # k_row0, and rows past its k_len are the next sequence's keys (real memory, as with
+            # seqused_k), so V is zeroed there too.
+            row = k_row0 + start_n if IS_VARLEN else start_n
+            kT = tl.trans(k_desc.load([b, h_kv, row, 0]).reshape([BLOCK_N, BLOCK_D]))
+            v = v_desc.load([b, h_kv, row, 0]).reshape([BLOCK_N, BLOCK_DV])
+            if MASKED and (HAS_SEQUSED_K or IS_VARLEN or BLOCK_D != BLOCK_DV or not (HAS_LEFT or HAS_RIGHT)):
                 v = tl.where(offs_n[:, None] < k_len, v, 0.0)
         else:  # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
             kT, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
@@ -187,7 +194,12 @@ def _fwd_kernel(
         # instead of 64x64 masked pointer loads and their address math (prologue -48 SASS
         # instructions): causal D64 S1024 forward -2.1% bf16 / -2.2% fp16 (H100, 5 alternating
         # rounds, results/2026-11-26_h100_session8_run13_14_ab_qtma.log); non-causal within noise.
-        q = Q_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+        # Packed (varlen) tensors: (1, H, T, D) boxes from the sequence's first row; rows past q_len
+        # are the next sequence's queries, computed and never stored (O is written by pointers).
+        if IS_VARLEN:
+            q = Q_DESC.load([0, h, q_start.to(tl.int32) + start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+        else:
+            q = Q_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
     else:
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
         q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
@@ -214,6 +226,9 @@ def _fwd_kernel(
         seed = tl.load(RNG)
         rng_offset = tl.load(RNG + 1)
 
+    # TMA box coordinates: (b, row) of the dense layout, (0, k_start + row) of the packed one
+    tma_b = 0 if IS_VARLEN else b
+    k_row0 = k_start.to(tl.int32) if IS_VARLEN else 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -236,31 +251,31 @@ def _fwd_kernel(
         lo, mid_lo, mid_hi, hi = clamp_to_extent(lo, mid_lo, mid_hi, hi, key_first, key_end, BLOCK_N)
     # phase 1: masked blocks at the left window edge
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
+        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, tma_b, h_kv, k_row0, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, lo, mid_lo,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, IS_VARLEN, DOT_PRECISION)
     # phase 2: steady state, every position visible
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
+        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, tma_b, h_kv, k_row0, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_lo, mid_hi,
         False, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, IS_VARLEN, DOT_PRECISION)
     # phase 3: masked blocks at the diagonal / right window edge / sequence end
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, b, h_kv, key_mask_base,
+        acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, tma_b, h_kv, k_row0, key_mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kmn,
         offs_m, offs_d, offs_dv, head_dim, head_dim_v, q_len, k_len, sm_scale, softcap, slope,
         window_left, window_right, seg_start, seg_end, seed, rng_offset, bh, dropout_p, mid_hi, hi,
         True, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, USE_TMA, FUSED_SCALE,
         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, DOT_PRECISION)
+        HAS_KEY_MASK, HAS_DROPOUT, HAS_SEGMENTS, HAS_SEQUSED_K, IS_VARLEN, DOT_PRECISION)
 
     # Rows with no visible key and padded query rows: output 0, LSE -inf. (A row with a NaN score
     # keeps l = NaN and comes out NaN.)
@@ -279,7 +294,7 @@ def _fwd_kernel(
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
     out = tl.where(empty[:, None], 0.0, out)
-    if USE_TMA:
+    if USE_TMA and not IS_VARLEN:
         # One TMA copy; rows past Sq and columns past head_dim are clipped. The epilogue's masked
         # pointer stores and their address math go (causal D64: -48 SASS instructions, 127 -> 116
         # registers, shared memory unchanged: the store reuses the loop's buffers). H100 bf16, 3
@@ -326,21 +341,36 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
 
     q, k, v, o are ``(B, H, S, D)`` with any strides, or packed ``(T, H, D)`` when ``is_varlen``;
     lse is ``(B, H, S)`` / ``(H, T)``. Optional tensors are None when absent.
-    K and V tiles are read through host-built TMA descriptors when ``tma_descriptors`` accepts the
-    tensors (dense layout; ``use_tma`` None = wherever possible, False = never, for comparisons).
+    Q, K and V tiles are read through host-built TMA descriptors where the tensors allow it
+    (``tma_can_read`` / ``tma_can_read_packed``: 16-bit, 16-byte strides; ``use_tma`` None = wherever
+    possible, False = never, for comparisons); O too in the dense layout. Packed (varlen) forward on an
+    H200, B32 H12 S512 D64 bf16, CUDA-graph replays, 3 alternating rounds: 58% fill 0.0598 -> 0.0576 ms,
+    full 0.0984 -> 0.0927, causal B8 S1024 0.0465 -> 0.0388
+    (benchmarks/results/2026-11-27_h200_session14_run5_ab_varlen_tma.log).
     """
     num_heads, head_dim = q.shape[1], q.shape[-1]
     head_dim_v = v.shape[-1]
     flags = feature_flag_values(window_left, window_right, softcap, alibi, key_mask, query_mask, segments,
                                 seqused_k, is_varlen, dropout_p)
-    tma = use_tma is not False and not is_varlen and tma_can_read(q, k, v, o)
+    if use_tma is False:
+        tma = False
+    elif is_varlen:
+        tma = tma_can_read_packed(q, k, v)
+    else:
+        tma = tma_can_read(q, k, v, o)
     constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(
         head_dim, head_dim_v, q.element_size(), flags, dot_precision,
         tuple(sorted(config.items())) if config else None, tma,
         softcap == 0.0 and alibi is None and sm_scale > 0.0, key_tier(max_seqlen_k),
         is_varlen and short_varlen_rows(q.shape[0], num_seqs))
-    k_desc, v_desc = tma_descriptors(k, v, block_n) if tma else (None, None)
-    q_desc, o_desc = tma_descriptors(q, o, block_m) if tma else (None, None)
+    if not tma:
+        k_desc = v_desc = q_desc = o_desc = None
+    elif is_varlen:  # O is written by pointers: a box past a sequence's end would hit the next one
+        k_desc, v_desc = packed_tma_descriptor(k, block_n), packed_tma_descriptor(v, block_n)
+        q_desc, o_desc = packed_tma_descriptor(q, block_m), None
+    else:
+        k_desc, v_desc = tma_descriptors(k, v, block_n)
+        q_desc, o_desc = tma_descriptors(q, o, block_m)
     args = (q, k, v, o, lse,
             ptr_or(key_mask, lse), ptr_or(query_mask, lse), ptr_or(segments, lse), ptr_or(seqused_k, lse),
             ptr_or(cu_seqlens_q, lse), ptr_or(cu_seqlens_k, lse), ptr_or(alibi, lse), ptr_or(rng, lse),

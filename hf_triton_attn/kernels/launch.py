@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .configs import block_dim
+
 
 def ptr_or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     """A pointer argument for an optional tensor; the dummy is never read (its flag is off)."""
@@ -104,11 +106,37 @@ def tma_can_read(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _tma_readable_packed(t: torch.Tensor) -> bool:
+    """``_tma_readable`` for a packed (varlen) 3-D (T, H, D) tensor."""
+    if t.dtype not in _TMA_DTYPES or t.data_ptr() % 16:
+        return False
+    s0, s1, s2 = t.stride()
+    return s2 == 1 and s0 > 0 and s1 > 0 and not (s0 | s1) & 7 and 0 not in t.shape
+
+
+def tma_can_read_packed(*tensors: torch.Tensor) -> bool:
+    """Whether ``packed_tma_descriptor`` may describe each of these packed (T, H, D) tensors."""
+    if not _tma_usable(tensors[0].device):
+        return False
+    for t in tensors:
+        if not _tma_readable_packed(t):
+            return False
+    return True
+
+
+def packed_tma_descriptor(t: torch.Tensor, block_rows: int):
+    """Descriptor of (1, 1, block_rows, padded head dim) boxes of a packed (T, H, D) tensor seen as
+    (1, H, T, D), the layout of a one-sequence dense batch in BSHD memory: a kernel reads a sequence's
+    rows from its ``cu_seqlens`` offset. Boxes past T or D read as 0 (rows past a sequence's end are the
+    next sequence's). No view ops: the shape and strides go to the descriptor as lists."""
+    total, heads, dim = t.shape
+    s0, s1, _ = t.stride()
+    return _tma_box_class()(t, [1, heads, total, dim], [total * s0, s1, s0, 1], [1, 1, block_rows, block_dim(dim)])
+
+
 def tma_descriptor(t: torch.Tensor, block_rows: int):
     """Descriptor of (1, 1, block_rows, padded head dim) boxes of a 4-D (B, H, S, D) tensor whose
     layout ``_tma_readable`` accepts. Boxes past S or D read as 0 and are clipped on writes."""
-    from .configs import block_dim
-
     return _tma_box_class()(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_dim(t.shape[3])])
 
 
