@@ -1,12 +1,13 @@
 """Forward time with a key padding mask: hole-free (right padding, as HF tokenizers give) or with holes.
 
-    python -m benchmarks.bench_key_masks [--reps 3] [--graph]
+    python -m benchmarks.bench_key_masks [--reps 3] [--graph] [--backward]
 
 The padded benchmark shape of issue 5 (B32 H12 S512 D64 bf16, random lengths averaging 26 / 58 / 100%
 of S, ``query_mask`` = the key mask) and a causal one (B8 H12 S1024 D64), each with the mask as is and
 with 10% of the real keys masked out (holes). Prints median ms of ``do_bench`` for ours and for SDPA's
 cuDNN backend given the same boolean mask; for masks without holes also ours on the packed tokens
-(varlen), and at full fill ours without a mask. Alternate two package copies with ``HF_TRITON_ATTN_SOURCE``.
+(varlen), and at full fill ours without a mask. ``--backward`` times forward + backward (the gradients of
+q, k and v by ``torch.autograd.grad``). Alternate two package copies with ``HF_TRITON_ATTN_SOURCE``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,19 @@ def lengths_mask(batch: int, seqlen: int, fill: float, holes: bool, seed: int) -
 
 
 def packed_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool):
-    """Ours on the real tokens only (``common.pack_padded``), packing outside timing."""
+    """Ours on the real tokens only (``common.pack_padded``), packing outside timing; also the packed
+    (T, H, D) inputs."""
     qp, kp, vp, cu, longest = pack_padded(q, k, v, mask)
     return functools.partial(flash_attention, qp, kp, vp, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                             max_seqlen_q=longest, max_seqlen_k=longest)
+                             max_seqlen_q=longest, max_seqlen_k=longest), (qp, kp, vp)
+
+
+def with_backward(fn, inputs: tuple):
+    """``fn`` followed by the gradients of ``inputs`` for an all-ones output gradient."""
+    def run():
+        out = fn()
+        return torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return run
 
 
 def cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,14 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", action="store_true",
                     help="time CUDA-graph replays of each call: GPU time without the host's launch cost, "
                          "which these 0.03-0.1 ms calls can exceed on a slow host")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward")
     args = ap.parse_args(argv)
     cases = [(32, 12, 512, False, fill) for fill in (0.26, 0.58, 1.0)] + [(8, 12, 1024, True, 0.58)]
+    timed = ("fwd+bwd" if args.backward else "fwd") + " ms" + (" (CUDA-graph replays)" if args.graph else "")
     print(f"# {torch.cuda.get_device_name()}, bf16 D64, package {PACKAGE_SOURCE or 'from the working tree'}; "
-          f"fwd ms{' (CUDA-graph replays)' if args.graph else ''}: ours (samples) | sdpa_cudnn with the same mask")
+          f"{timed}: ours (samples) | sdpa_cudnn with the same mask")
     for b, h, s, causal, fill in cases:
         for holes in (False, True):
             mask = lengths_mask(b, s, fill, holes, seed=int(fill * 1000))
-            q, k, v = (hf_layout(b, s, h, 64, torch.bfloat16, "cuda", False) for _ in range(3))
+            q, k, v = (hf_layout(b, s, h, 64, torch.bfloat16, "cuda", args.backward) for _ in range(3))
             query_mask = None if causal else mask
             sdpa_mask = mask[:, None, None, :]
             if causal:
@@ -74,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"ours": functools.partial(flash_attention, q, k, v, causal=causal, attention_mask=mask,
                                              query_mask=query_mask),
                    "cudnn": functools.partial(cudnn_sdpa, q, k, v, sdpa_mask)}
+            inputs = {"ours": (q, k, v), "cudnn": (q, k, v), "nomask": (q, k, v)}
             if not holes:  # the same batch packed (varlen, packing outside timing), and unmasked at full fill
-                fns["varlen"] = packed_call(q, k, v, mask, causal)
+                fns["varlen"], inputs["varlen"] = packed_call(q, k, v, mask, causal)
                 if fill >= 1.0:
                     fns["nomask"] = functools.partial(flash_attention, q, k, v, causal=causal)
+            if args.backward:
+                fns = {name: with_backward(fn, inputs[name]) for name, fn in fns.items()}
             if args.graph:
                 fns = {name: graph_of(fn).replay for name, fn in fns.items()}
             samples: dict[str, list[float]] = {name: [] for name in fns}

@@ -146,10 +146,12 @@ def test_varlen(dtype, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_neighbours_non_finite_values_stay_out(monkeypatch, causal):
-    """The forward reads a packed sequence's Q, K and V tiles as TMA boxes from its cu_seqlens row,
-    so a box past the sequence's end holds the next sequence's rows (real memory). NaN keys and inf
-    values in one sequence must change nothing in its neighbours: outputs and gradients of the other
-    sequences are bitwise those of a batch where that sequence is finite."""
+    """The forward reads a packed sequence's Q, K and V tiles as TMA boxes from its cu_seqlens row, so
+    a box past the sequence's end holds the next sequence's rows (real memory); the backward reads
+    them by masked pointer loads (a TMA version of it is in benchmarks/results/2026-11-27_h100_
+    session14_varlen_bwd_tma.patch). NaN queries and keys, inf values and an inf output gradient in
+    one sequence must change nothing in its neighbours: outputs and gradients of the other sequences
+    are bitwise those of a batch where that sequence is finite."""
     from hf_triton_attn.kernels import forward, launch
 
     described = []
@@ -159,12 +161,15 @@ def test_varlen_neighbours_non_finite_values_stay_out(monkeypatch, causal):
     results = []
     for poisoned in (False, True):
         q, k, v, kw = _varlen_inputs(lens, lens, 2, 2, 40, 40, torch.float16)
+        dout = torch.ones(112, 2, 40, device=DEVICE, dtype=torch.float16)
         if poisoned:
             with torch.no_grad():
+                q[37:42, 0] = float("nan")
                 k[37:42, 1] = float("nan")
                 v[37:42, 0] = float("inf")
+            dout[37:42, 1] = float("inf")
         out = flash_attention(q, k, v, causal=causal, backend=BACKEND, **kw)
-        out.backward(torch.ones_like(out))
+        out.backward(dout)
         keep = torch.cat([torch.arange(0, 37), torch.arange(42, 112)]).to(DEVICE)
         results.append([t[keep] for t in (out, q.grad, k.grad, v.grad)])
     for name, clean, dirty in zip(("out", "dq", "dk", "dv"), *results):
