@@ -44,7 +44,6 @@ from .launch import (
     segment_strides,
     tile_grid,
     tma_can_read,
-    tma_can_read_packed,
     tma_descriptors,
 )
 
@@ -342,7 +341,7 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
     q, k, v, o are ``(B, H, S, D)`` with any strides, or packed ``(T, H, D)`` when ``is_varlen``;
     lse is ``(B, H, S)`` / ``(H, T)``. Optional tensors are None when absent.
     Q, K and V tiles are read through host-built TMA descriptors where the tensors allow it
-    (``tma_can_read`` / ``tma_can_read_packed``: 16-bit, 16-byte strides; ``use_tma`` None = wherever
+    (``tma_can_read``: 16-bit, 16-byte strides; ``use_tma`` None = wherever
     possible, False = never, for comparisons); O too in the dense layout. Packed (varlen) forward on an
     H200, B32 H12 S512 D64 bf16, CUDA-graph replays, 3 alternating rounds: 58% fill 0.0598 -> 0.0576 ms,
     full 0.0984 -> 0.0927, causal B8 S1024 0.0465 -> 0.0388
@@ -355,7 +354,7 @@ def flash_fwd(q, k, v, o, lse, key_mask, query_mask, segments, seqused_k, cu_seq
     if use_tma is False:
         tma = False
     elif is_varlen:
-        tma = tma_can_read_packed(q, k, v)
+        tma = tma_can_read(q, k, v, packed=True)
     else:
         tma = tma_can_read(q, k, v, o)
     constexprs, block_m, block_n, num_warps, num_stages = _fwd_meta(

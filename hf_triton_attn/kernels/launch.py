@@ -96,16 +96,6 @@ def _tma_readable(t: torch.Tensor) -> bool:
             and 0 not in t.shape)
 
 
-def tma_can_read(*tensors: torch.Tensor) -> bool:
-    """Whether ``tma_descriptor`` may describe each of these 4-D (B, H, S, D) tensors (one device)."""
-    if not _tma_usable(tensors[0].device):
-        return False
-    for t in tensors:
-        if not _tma_readable(t):
-            return False
-    return True
-
-
 def _tma_readable_packed(t: torch.Tensor) -> bool:
     """``_tma_readable`` for a packed (varlen) 3-D (T, H, D) tensor."""
     if t.dtype not in _TMA_DTYPES or t.data_ptr() % 16:
@@ -114,12 +104,14 @@ def _tma_readable_packed(t: torch.Tensor) -> bool:
     return s2 == 1 and s0 > 0 and s1 > 0 and not (s0 | s1) & 7 and 0 not in t.shape
 
 
-def tma_can_read_packed(*tensors: torch.Tensor) -> bool:
-    """Whether ``packed_tma_descriptor`` may describe each of these packed (T, H, D) tensors."""
+def tma_can_read(*tensors: torch.Tensor, packed: bool = False) -> bool:
+    """Whether ``tma_descriptor`` may describe each of these 4-D (B, H, S, D) tensors, or with
+    ``packed`` ``packed_tma_descriptor`` each of these (T, H, D) ones (one device)."""
     if not _tma_usable(tensors[0].device):
         return False
+    readable = _tma_readable_packed if packed else _tma_readable
     for t in tensors:
-        if not _tma_readable_packed(t):
+        if not readable(t):
             return False
     return True
 
