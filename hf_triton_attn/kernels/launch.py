@@ -6,6 +6,8 @@ import os
 
 import torch
 
+# At module level: imported inside tma_descriptor it cost 2.1 us per descriptor (3.5 -> 1.4 us per
+# build, 2-core CPU box, 2026-11-27; the forward builds three or four per call).
 from .configs import block_dim
 
 
