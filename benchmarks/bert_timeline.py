@@ -84,7 +84,7 @@ def synchronizing_calls(fn, grad: bool) -> list[str]:
 
 
 def run_impl(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    ids, mask, _ = _bert_inputs(args, device)
+    ids, mask, _ = _bert_inputs(argparse.Namespace(quick=False), device)  # bench_models' bert_infer batch
     model = build("bert_cls" if args.train else "bert", impl, False, device, dtype)
     model.train(args.train)
     marks = Marks()
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sync-debug", action="store_true", help="list the synchronizing calls of one forward")
     ap.add_argument("--profile", action="store_true", help="print the host ops of one forward (torch.profiler)")
-    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # _bert_inputs reads it
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bert_timeline needs a CUDA device")

@@ -89,9 +89,8 @@ def _fwd_inner(
             # Packed (varlen) tensors are described as (1, H, T, D): the sequence's rows start at
             # k_row0, and rows past its k_len are the next sequence's keys (real memory, as with
             # seqused_k), so V is zeroed there too.
-            row = k_row0 + start_n if IS_VARLEN else start_n
-            kT = tl.trans(k_desc.load([b, h_kv, row, 0]).reshape([BLOCK_N, BLOCK_D]))
-            v = v_desc.load([b, h_kv, row, 0]).reshape([BLOCK_N, BLOCK_DV])
+            kT = tl.trans(k_desc.load([b, h_kv, k_row0 + start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
+            v = v_desc.load([b, h_kv, k_row0 + start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
             if MASKED and (HAS_SEQUSED_K or IS_VARLEN or BLOCK_D != BLOCK_DV or not (HAS_LEFT or HAS_RIGHT)):
                 v = tl.where(offs_n[:, None] < k_len, v, 0.0)
         else:  # K^T tile [BLOCK_D, BLOCK_N] and V tile [BLOCK_N, BLOCK_DV]
@@ -187,6 +186,10 @@ def _fwd_kernel(
             tl.store(lse_ptrs, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=offs_m < q_len)
             return
 
+    # TMA box coordinates: (b, row) of the dense layout, (0, start + row) of the packed one
+    tma_b = 0 if IS_VARLEN else b
+    q_row0 = q_start.to(tl.int32) if IS_VARLEN else 0
+    k_row0 = k_start.to(tl.int32) if IS_VARLEN else 0
     # Q tile [BLOCK_M, BLOCK_D], loaded once.
     if USE_TMA:
         # Dense layout: rows past Sq (= q_len) and columns past head_dim arrive as 0. One TMA copy
@@ -195,10 +198,7 @@ def _fwd_kernel(
         # rounds, results/2026-11-26_h100_session8_run13_14_ab_qtma.log); non-causal within noise.
         # Packed (varlen) tensors: (1, H, T, D) boxes from the sequence's first row; rows past q_len
         # are the next sequence's queries, computed and never stored (O is written by pointers).
-        if IS_VARLEN:
-            q = Q_DESC.load([0, h, q_start.to(tl.int32) + start_m, 0]).reshape([BLOCK_M, BLOCK_D])
-        else:
-            q = Q_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+        q = Q_DESC.load([tma_b, h, q_row0 + start_m, 0]).reshape([BLOCK_M, BLOCK_D])
     else:
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
         q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
@@ -225,9 +225,6 @@ def _fwd_kernel(
         seed = tl.load(RNG)
         rng_offset = tl.load(RNG + 1)
 
-    # TMA box coordinates: (b, row) of the dense layout, (0, k_start + row) of the packed one
-    tma_b = 0 if IS_VARLEN else b
-    k_row0 = k_start.to(tl.int32) if IS_VARLEN else 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
