@@ -154,6 +154,7 @@ def build_cases() -> list[Case]:
     # realistic combinations (MQA/GQA and (B, S, H, D) memory only appear here)
     combos = [
         dict(causal=True, key_mask="int64", query_mask="int64", hkv=1),        # HF padded batch, MQA
+        dict(key_mask="bool", query_mask="bool", dtype="bfloat16"),            # padded encoder batch (bench_key_masks)
         dict(causal=True, key_mask="int32", hkv=2, bshd=True),                 # HF sdpa layout, GQA
         dict(varlen=True, window=(32, 0), hkv=2),                              # varlen + sliding window
         dict(varlen=True, causal=True, seqused_k=True),

@@ -46,14 +46,21 @@ runs otherwise (silently where the situation is ordinary, warned once where it i
   keyword arguments, and ``torch.compile`` tracing (the data-dependent token count breaks a
   fullgraph trace; a compiled encoder takes the padded interface path, which traces).
 Forward hooks a user registers on the layers see the packed ``(1, T, H)`` tensors.
+
+Host cost. These checks run on every forward, so the attention modules inside the encoder are found
+once and cached until the module tree may have changed (a global module-registration hook, installed
+when the first encoder is patched, counts registrations); configs are read once per forward. H100
+host, BERT-base: 203-219 -> 29-30 us per forward for the checks, and the encoder's entry (checks,
+``_pack`` with its sync, the gather) 0.73-0.75 -> 0.41 ms (benchmarks/host_unpad.py,
+results/2026-11-27_h100_session15_run3_4_host_unpad.log).
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import Adapter, AdapterKind, Support, class_path, register_adapter
 from .forward_common import fallback_warning, install_forward
@@ -121,41 +128,113 @@ def _served_class(encoder: torch.nn.Module) -> type | None:
     return next((k for k in type(encoder).__mro__ if class_path(k) in ENCODER_CLASSES), None)
 
 
-def _attention_reason(m: torch.nn.Module) -> str | None:
+def _config_values(config) -> tuple:
+    """The config attributes ``_attention_reason`` reads, in its order. Read once per config and call:
+    a transformers 5 config attribute costs ~3 us (``__getattribute__``), ``_attn_implementation``
+    ~6 us (2-core CPU box), and the 12 layers of BERT-base share one config."""
+    return (getattr(config, "_attn_implementation", None), getattr(config, "is_decoder", False),
+            getattr(config, "add_cross_attention", False), getattr(config, "chunk_size_feed_forward", 0))
+
+
+def _calls_our_function(cls: type, hf) -> bool:
+    """Whether the attention modules of class ``cls`` would call ``hf_triton_attn``'s function."""
+    functions = getattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS", None)
+    return functions is not None and functions.get(hf.NAME) is hf.attention_forward
+
+
+def _attention_reason(m: torch.nn.Module, config_values: tuple | None = None,
+                      calls_ours: bool | None = None) -> str | None:
     """Why attention module ``m`` would not run the varlen kernel on packed tokens (None = it would).
     Mirrors what sends ``hf_interface.attention_forward`` to its eager fallback, which knows no
-    ``cu_seq_lens`` and would attend across the packed sequences."""
+    ``cu_seq_lens`` and would attend across the packed sequences. ``config_values`` and ``calls_ours``:
+    ``_config_values`` of ``m``'s config and ``_calls_our_function`` of its class, when the caller
+    has them already."""
     hf = _hf_interface()
     if m.__dict__.get(hf.EXCLUDED_ATTR, False):
         return _Ordinary("an attention module is excluded by patch_model")
-    config = m.__dict__["config"]
-    if getattr(config, "_attn_implementation", None) != hf.NAME:
+    attn_implementation, config_is_decoder, cross_attention, chunked = (
+        config_values or _config_values(m.__dict__["config"]))
+    if attn_implementation != hf.NAME:
         return _Ordinary("the attention implementation is not hf_triton_attn")
-    if getattr(m, "is_causal", False) or getattr(m, "is_decoder", False) or getattr(config, "is_decoder", False):
+    if getattr(m, "is_causal", False) or getattr(m, "is_decoder", False) or config_is_decoder:
         return _Ordinary("a decoder (causal self-attention)")
-    if "Cross" in type(m).__name__ or getattr(config, "add_cross_attention", False):
+    if "Cross" in type(m).__name__ or cross_attention:
         return _Ordinary("cross-attention layers")
-    functions = getattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS", None)
-    if functions is None or functions.get(hf.NAME) is not hf.attention_forward:
+    if not (_calls_our_function(type(m), hf) if calls_ours is None else calls_ours):
         return f"{type(m).__name__} would not call hf_triton_attn's attention function"
     head_dim = getattr(m, "attention_head_size", None)
     if not isinstance(head_dim, int) or not 0 < head_dim <= _MAX_HEAD_DIM:
         return f"head dim {head_dim} (the kernel serves 1..{_MAX_HEAD_DIM})"
-    if getattr(config, "chunk_size_feed_forward", 0):
+    if chunked:
         return "chunked feed-forward (chunk_size_feed_forward > 0 splits the sequence dimension)"
     return None
+
+
+# Bumped by a global module-registration hook (installed when an encoder is first patched) whenever
+# any module anywhere gets a submodule (``setattr``, ``add_module``, ``ModuleList.append``...): the
+# attention modules found inside an encoder are cached per encoder until the module tree may have
+# changed, instead of walking it on every forward (``named_modules`` over BERT-base: 225 us per call
+# on the 2-core CPU box, 479 us for the whole fallback check; now ~35 us).
+_tree_version = [0]
+_tree_hook: list = []
+_callers_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on_module_registered(module, name, submodule) -> None:
+    _tree_version[0] += 1
+
+
+def _watch_module_tree() -> None:
+    if not _tree_hook:
+        _tree_hook.append(torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered))
+
+
+def _tree_key(encoder: torch.nn.Module) -> tuple:
+    """What invalidates the cached callers: any module registration, and a removal from the encoder's
+    children or from their children (``del encoder.layer[i]`` rebuilds ``layer._modules`` without
+    registering anything). A removal deeper down leaves a stale module in the list, which can only
+    send a call to the original forward, never unpad one that should not be."""
+    children = tuple(encoder._modules.values())
+    return (_tree_version[0], len(children),
+            *((id(c), id(c._modules), len(c._modules)) if c is not None else (0, 0, 0) for c in children))
+
+
+def _interface_callers(encoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules inside the encoder that call the interface and hold the config
+    (BertSelfAttention, not its BertAttention wrapper): the ones the attention function reads the
+    exclusion mark from."""
+    key = _tree_key(encoder)
+    cached = _callers_cache.get(encoder) if _tree_hook else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    callers = [m for _, m in _attention_modules(encoder) if "config" in m.__dict__]
+    if _tree_hook:
+        _callers_cache[encoder] = (key, callers)
+    return callers
 
 
 def _module_reason(encoder: torch.nn.Module) -> str | None:
     served = _served_class(encoder)
     if served is None or type(encoder).forward is not served.forward:
         return f"{type(encoder).__name__} overrides the forward of {served.__name__ if served else 'its class'}"
-    # The modules that call the interface hold the config (BertSelfAttention, not its BertAttention
-    # wrapper); they are the ones the attention function reads the exclusion mark from.
-    callers = [m for _, m in _attention_modules(encoder) if "config" in m.__dict__]
+    callers = _interface_callers(encoder)
     if not callers:
         return "no attention module found inside the encoder"
-    return next((r for r in map(_attention_reason, callers) if r is not None), None)
+    hf = _hf_interface()
+    per_config: dict[int, tuple] = {}
+    per_class: dict[type, bool] = {}
+    for m in callers:
+        config = m.__dict__["config"]
+        values = per_config.get(id(config))
+        if values is None:
+            values = per_config[id(config)] = _config_values(config)
+        ours = per_class.get(type(m))
+        if ours is None:
+            ours = per_class[type(m)] = _calls_our_function(type(m), hf)
+        reason = _attention_reason(m, values, ours)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _call_reason(hidden_states, mask, extra_args: tuple, kwargs: dict) -> str | None:
@@ -277,12 +356,13 @@ def _pack(mask: torch.Tensor) -> _Plan | None:
     padding (nothing to gain) or no real token at all (the padded path handles empty rows)."""
     batch, seqlen = mask.shape
     keep = mask.bool()
-    seqlens = keep.sum(dim=1)
+    seqlens = keep.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = seqlens.new_zeros(batch + 1)
+    torch.cumsum(seqlens, 0, dtype=torch.int32, out=cu_seqlens[1:])
     # The one host sync of the unpadded forward: T and the longest sequence as Python ints.
-    total, longest = torch.stack((seqlens.sum(), seqlens.max())).tolist()
+    total, longest = torch.stack((cu_seqlens[-1], seqlens.max())).tolist()
     if total == batch * seqlen or total == 0:
         return None
-    cu_seqlens = F.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
     return _Plan(_real_indices(keep.flatten(), total), cu_seqlens, int(longest), int(total), batch, seqlen)
 
 
@@ -337,6 +417,7 @@ def unpadded_forward(encoder: torch.nn.Module, original, *args, **kwargs):
 def _apply(encoder: torch.nn.Module, excluded: list[torch.nn.Module] = ()) -> object:
     """Install the unpadding forward. ``excluded`` attention modules (include/exclude) carry the
     interface adapter's exclusion mark, which makes every call take the original forward."""
+    _watch_module_tree()
     return install_forward(encoder, unpadded_forward)
 
 
