@@ -647,6 +647,9 @@ def main() -> int:
     ap.add_argument("--list", action="store_true", help="print the specializations, compile nothing")
     ap.add_argument("--filter", default="",
                     help="only specializations whose kernel name, description or case label contains this")
+    ap.add_argument("--every", type=int, default=1, metavar="N",
+                    help="only every N-th specialization of each kernel (after --filter, in the listing's "
+                         "order): a deterministic sample of every kernel, for a quicker second-Triton check")
     ap.add_argument("--manual-signature", action="store_true",
                     help="type the arguments by hand instead of using Triton's binder")
     ap.add_argument("--cache-dir", default=None,
@@ -676,6 +679,15 @@ def main() -> int:
     t0 = time.perf_counter()
     jobs, setup_errors = collect_jobs(a.manual_signature)
     jobs = [j for j in jobs if any(a.filter in t for t in [j.name, j.describe()] + j.cases)]
+    if a.every < 1:
+        ap.error(f"--every must be >= 1; got {a.every}")
+    seen: dict[str, int] = {}
+    sampled = []
+    for j in jobs:  # per kernel: the listing interleaves the kernels of each case
+        seen[j.name] = seen.get(j.name, -1) + 1
+        if seen[j.name] % a.every == 0:
+            sampled.append(j)
+    jobs = sampled
     for line in setup_errors:
         print(line, flush=True)
     by_kernel: dict[str, int] = {}
