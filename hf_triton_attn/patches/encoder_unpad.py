@@ -49,7 +49,7 @@ Forward hooks a user registers on the layers see the packed ``(1, T, H)`` tensor
 
 Host cost. These checks run on every forward, so the attention modules inside the encoder are found
 once and cached until the module tree may have changed (a global module-registration hook, installed
-when the first encoder is patched, counts registrations); configs are read once per forward. H100
+on the first forward of a patched encoder, counts registrations); configs are read once per forward. H100
 host, BERT-base: 203-219 -> 29-30 us per forward for the checks, and the encoder's entry (checks,
 ``_pack`` with its sync, the gather) 0.73-0.75 -> 0.41 ms (benchmarks/host_unpad.py,
 results/2026-11-27_h100_session15_run3_4_host_unpad.log).
@@ -142,25 +142,22 @@ def _calls_our_function(cls: type, hf) -> bool:
     return functions is not None and functions.get(hf.NAME) is hf.attention_forward
 
 
-def _attention_reason(m: torch.nn.Module, config_values: tuple | None = None,
-                      calls_ours: bool | None = None) -> str | None:
+def _attention_reason(m: torch.nn.Module, hf, config_values: tuple, calls_ours: bool) -> str | None:
     """Why attention module ``m`` would not run the varlen kernel on packed tokens (None = it would).
     Mirrors what sends ``hf_interface.attention_forward`` to its eager fallback, which knows no
     ``cu_seq_lens`` and would attend across the packed sequences. ``config_values`` and ``calls_ours``:
-    ``_config_values`` of ``m``'s config and ``_calls_our_function`` of its class, when the caller
-    has them already."""
-    hf = _hf_interface()
+    ``_config_values`` of ``m``'s config and ``_calls_our_function`` of its class (``_module_reason``
+    computes them once per config and class)."""
     if m.__dict__.get(hf.EXCLUDED_ATTR, False):
         return _Ordinary("an attention module is excluded by patch_model")
-    attn_implementation, config_is_decoder, cross_attention, chunked = (
-        config_values or _config_values(m.__dict__["config"]))
+    attn_implementation, config_is_decoder, cross_attention, chunked = config_values
     if attn_implementation != hf.NAME:
         return _Ordinary("the attention implementation is not hf_triton_attn")
     if getattr(m, "is_causal", False) or getattr(m, "is_decoder", False) or config_is_decoder:
         return _Ordinary("a decoder (causal self-attention)")
     if "Cross" in type(m).__name__ or cross_attention:
         return _Ordinary("cross-attention layers")
-    if not (_calls_our_function(type(m), hf) if calls_ours is None else calls_ours):
+    if not calls_ours:
         return f"{type(m).__name__} would not call hf_triton_attn's attention function"
     head_dim = getattr(m, "attention_head_size", None)
     if not isinstance(head_dim, int) or not 0 < head_dim <= _MAX_HEAD_DIM:
@@ -170,23 +167,20 @@ def _attention_reason(m: torch.nn.Module, config_values: tuple | None = None,
     return None
 
 
-# Bumped by a global module-registration hook (installed when an encoder is first patched) whenever
-# any module anywhere gets a submodule (``setattr``, ``add_module``, ``ModuleList.append``...): the
-# attention modules found inside an encoder are cached per encoder until the module tree may have
-# changed, instead of walking it on every forward (``named_modules`` over BERT-base: 225 us per call
-# on the 2-core CPU box, 479 us for the whole fallback check; now ~35 us).
-_tree_version = [0]
-_tree_hook: list = []
+# Bumped by a global module-registration hook (installed on the first forward of a patched encoder,
+# when the first list is cached) whenever any module anywhere gets a submodule (``setattr``,
+# ``add_module``, ``ModuleList.append``...): the attention modules found inside an encoder are cached
+# per encoder until the module tree may have changed, instead of walking it on every forward
+# (``named_modules`` over BERT-base: 225 us per call on the 2-core CPU box, 479 us for the whole
+# fallback check; now ~35 us).
+_tree_version = 0
+_tree_hook = None
 _callers_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _on_module_registered(module, name, submodule) -> None:
-    _tree_version[0] += 1
-
-
-def _watch_module_tree() -> None:
-    if not _tree_hook:
-        _tree_hook.append(torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered))
+    global _tree_version
+    _tree_version += 1
 
 
 def _tree_key(encoder: torch.nn.Module) -> tuple:
@@ -195,7 +189,7 @@ def _tree_key(encoder: torch.nn.Module) -> tuple:
     registering anything). A removal deeper down leaves a stale module in the list, which can only
     send a call to the original forward, never unpad one that should not be."""
     children = tuple(encoder._modules.values())
-    return (_tree_version[0], len(children),
+    return (_tree_version, len(children),
             *((id(c), id(c._modules), len(c._modules)) if c is not None else (0, 0, 0) for c in children))
 
 
@@ -203,13 +197,15 @@ def _interface_callers(encoder: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules inside the encoder that call the interface and hold the config
     (BertSelfAttention, not its BertAttention wrapper): the ones the attention function reads the
     exclusion mark from."""
+    global _tree_hook
+    if _tree_hook is None:
+        _tree_hook = torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)
     key = _tree_key(encoder)
-    cached = _callers_cache.get(encoder) if _tree_hook else None
+    cached = _callers_cache.get(encoder)
     if cached is not None and cached[0] == key:
         return cached[1]
     callers = [m for _, m in _attention_modules(encoder) if "config" in m.__dict__]
-    if _tree_hook:
-        _callers_cache[encoder] = (key, callers)
+    _callers_cache[encoder] = (key, callers)
     return callers
 
 
@@ -231,7 +227,7 @@ def _module_reason(encoder: torch.nn.Module) -> str | None:
         ours = per_class.get(type(m))
         if ours is None:
             ours = per_class[type(m)] = _calls_our_function(type(m), hf)
-        reason = _attention_reason(m, values, ours)
+        reason = _attention_reason(m, hf, values, ours)
         if reason is not None:
             return reason
     return None
@@ -417,7 +413,6 @@ def unpadded_forward(encoder: torch.nn.Module, original, *args, **kwargs):
 def _apply(encoder: torch.nn.Module, excluded: list[torch.nn.Module] = ()) -> object:
     """Install the unpadding forward. ``excluded`` attention modules (include/exclude) carry the
     interface adapter's exclusion mark, which makes every call take the original forward."""
-    _watch_module_tree()
     return install_forward(encoder, unpadded_forward)
 
 
