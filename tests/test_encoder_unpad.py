@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import hf_triton_attn  # noqa: E402  (registers the attention name)
-from hf_triton_attn.patches import encoder_unpad, hf_interface  # noqa: E402
+from hf_triton_attn.patches import encoder_layers, encoder_unpad, hf_interface  # noqa: E402
 
 from .helpers import BACKEND, DEVICE, FLOOR, assert_pass_rule, spy_on  # noqa: E402
 
@@ -587,3 +588,137 @@ def test_peft_lora_gradients_pass_the_rule(monkeypatch):
         assert_pass_rule(n, got[n], want[n], exact[n], torch.float32)
     hf_triton_attn.unpatch_model(ours)
     assert "forward" not in ours.base_model.model.encoder.__dict__
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. lean layers (encoder_layers.py): the same leaf modules without transformers' layer modules
+# ---------------------------------------------------------------------------------------------
+
+LEAN_FAMILIES = [f for f in FAMILIES if f != "distilbert"]
+# transformers versions the lean runner was reviewed against: their layers must run lean
+REVIEWED = ("5.17.0", "5.24.0")
+
+
+def _lean_runs(monkeypatch) -> list:
+    """One entry per forward that ran the lean runner."""
+    runs: list = []
+    real = encoder_layers._Runner.__call__
+
+    def spy(self, *args):
+        runs.append(len(self.structure.layers))
+        return real(self, *args)
+
+    monkeypatch.setattr(encoder_layers._Runner, "__call__", spy)
+    return runs
+
+
+def _run(model, ids, mask, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and parameter gradients of one forward + backward, torch's generator seeded."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = _hidden(model, ids, mask)
+    _loss(out, mask).backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _idle_hook(module, args):
+    return None
+
+
+@pytest.mark.parametrize("name", LEAN_FAMILIES)
+def test_lean_layers_are_bitwise_transformers_layers(name, monkeypatch):
+    """Every BERT-style family, eval and train mode with hidden and attention dropout: the lean runner's
+    output and every parameter gradient are bitwise those of transformers' own layers on the same packed
+    tokens (forced by an idle pre-hook on a composite module), with the same seed. The lean runner ran
+    exactly when the family's source fingerprint is known, which it must be on a reviewed version."""
+    _, _, ours = _trio(name, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3)
+    encoder = next(m for m in ours.modules() if encoder_unpad._served_class(m) is not None)
+    prefix = encoder_layers._PREFIXES[type(encoder).__name__]
+    known = encoder_layers.source_fingerprint(type(encoder), prefix) in encoder_layers._KNOWN_SOURCES
+    if transformers.__version__ in REVIEWED:
+        assert known, f"{name}: the lean runner was reviewed against transformers {transformers.__version__}"
+    ids, mask = _batch(pad_id=ours.config.pad_token_id or 0)
+    runs = _lean_runs(monkeypatch)
+    calls = spy_on(monkeypatch, hf_interface)
+    for train in (False, True):
+        ours.train(train)
+        lean = _run(ours, ids, mask, seed=5)
+        assert runs == ([LAYERS] if known else []), runs
+        handle = encoder.layer[0].attention.register_forward_pre_hook(_idle_hook)
+        layers = _run(ours, ids, mask, seed=5)
+        handle.remove()
+        assert len(runs) == (1 if known else 0), "a hook on a composite module must send the layers to transformers"
+        _assert_unpadded(calls, mask, n=2 * LAYERS)
+        assert torch.equal(lean[0], layers[0]), f"{name} train={train}: outputs differ"
+        assert lean[1].keys() == layers[1].keys() and len(lean[1]) > 0
+        for n in lean[1]:
+            assert torch.equal(lean[1][n], layers[1][n]), f"{name} train={train}: gradient of {n} differs"
+        if train:  # dropout drew: another seed changes the output
+            assert not torch.equal(lean[0], _run(ours, ids, mask, seed=6)[0])
+        runs.clear()
+        calls.clear()
+
+
+def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
+    """transformers' layers run (bitwise the lean output where both apply) with a forward hook on a layer,
+    a global module hook, a layer replaced by a subclass, an unknown source fingerprint, gradient
+    checkpointing in training, and output_hidden_states (collected by hooks on the layers). A hook on a
+    leaf module keeps the lean runner, and its effect: the same output as transformers' layers with it."""
+    _, _, ours = _trio("bert")
+    ours.eval()
+    ids, mask = _batch()
+    runs = _lean_runs(monkeypatch)
+    with torch.no_grad():
+        want = _hidden(ours, ids, mask)
+    assert runs == [LAYERS]
+
+    def layers_run(model=ours, **kw) -> torch.Tensor:
+        runs.clear()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, **kw)
+        assert not runs, "expected transformers' layers"
+        return out.last_hidden_state
+
+    handle = ours.encoder.layer[1].register_forward_hook(lambda m, a, o: None)
+    assert torch.equal(layers_run(), want)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert torch.equal(layers_run(), want)
+    finally:
+        handle.remove()
+
+    class Layer(type(ours.encoder.layer[0])):
+        pass
+
+    sub = copy.deepcopy(ours)
+    sub.encoder.layer[1].__class__ = Layer  # a subclass may override a forward: no module registration
+    encoder_layers._structures.clear()
+    assert torch.equal(layers_run(sub), want)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(encoder_layers, "_KNOWN_SOURCES", frozenset())
+        mp.setattr(encoder_layers, "_class_verdicts", {})
+        mp.setattr(encoder_layers, "_structures", weakref.WeakKeyDictionary())
+        assert torch.equal(layers_run(), want)
+
+    hidden = layers_run(output_hidden_states=True)
+    assert torch.equal(hidden, want)
+
+    ckpt = copy.deepcopy(ours)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.train()
+    layers_run(ckpt)
+
+    # a leaf hook (scales the query projection): lean and transformers' layers apply it alike
+    query = ours.encoder.layer[0].attention.self.query
+    leaf = query.register_forward_hook(lambda m, a, o: o * 1.5)
+    runs.clear()
+    with torch.no_grad():
+        lean = _hidden(ours, ids, mask)
+    assert runs == [LAYERS]
+    handle = ours.encoder.layer[0].attention.self.register_forward_pre_hook(_idle_hook)
+    layers = layers_run()
+    handle.remove()
+    leaf.remove()
+    assert torch.equal(lean, layers) and not torch.equal(lean, want)

@@ -63,6 +63,7 @@ import weakref
 import torch
 
 from ..registry import Adapter, AdapterKind, Support, class_path, register_adapter
+from . import encoder_layers
 from .forward_common import fallback_warning, install_forward
 
 __all__ = ["ENCODER_UNPAD", "ENCODER_CLASSES"]
@@ -403,8 +404,14 @@ def unpadded_forward(encoder: torch.nn.Module, original, *args, **kwargs):
     collected = _active_capture()
     start = len(collected["hidden_states"]) if collected and "hidden_states" in collected else 0
     packed = plan.unpad(hidden)
-    layer_kwargs = {k: v for k, v in rest.items() if k not in _DROPPED}
-    out = original(packed, attention_mask=None, **layer_kwargs, **plan.varlen_kwargs())
+    # transformers' layers where they collect outputs (output_hidden_states), else the lean runner
+    runner = None if collected else encoder_layers.lean_layers(
+        encoder, _tree_key(encoder), _hf_interface().flash_attention)[0]
+    if runner is not None:
+        out = runner(packed, plan.cu_seqlens, plan.max_seqlen)
+    else:
+        layer_kwargs = {k: v for k, v in rest.items() if k not in _DROPPED}
+        out = original(packed, attention_mask=None, **layer_kwargs, **plan.varlen_kwargs())
     out = _set_last_hidden_state(out, plan.repad(out[0] if isinstance(out, tuple) else out.last_hidden_state))
     _repad_captured(collected, start, packed, hidden, plan)
     return out

@@ -1,0 +1,260 @@
+"""Lean layers for the encoder adapter: the packed tokens of a BERT-family encoder go through its
+layers as one function of the same modules, instead of through transformers' layer modules.
+
+Why. BERT inference with the encoder adapter is host-bound: the GPU work of a packed BERT-base layer
+is ~0.4 ms, and transformers' layer code takes 0.56-1.4 ms of host time per layer on the lent H100
+hosts (benchmarks/NOTES.md, sessions 14-15): six nested module calls with keyword plumbing,
+``apply_chunking_to_forward``'s ``inspect.signature`` on every layer, the attention interface's lookup
+and checks. The leaves (the Linear, LayerNorm, Dropout and activation modules) are what does the work.
+
+What. ``lean_layers(encoder, key)`` gives a runner when the encoder is one of the families this module
+replicates, else ``None`` (the adapter then calls the encoder's own forward on the packed tokens, as
+before). The runner does exactly what transformers' ``{Bert}Encoder.forward`` -> ``{Bert}Layer`` ->
+``{Bert}Attention`` -> ``{Bert}SelfAttention`` / ``{Bert}SelfOutput`` -> ``{Bert}Intermediate`` ->
+``{Bert}Output`` do on packed self-attention, with the same leaf modules called in the same order (so
+the same ops, the same dropout draws from torch's generator: outputs and gradients are bitwise those
+of transformers' layers, in eval and in train mode), and the attention as the same ``flash_attention``
+call that ``hf_interface.attention_forward`` makes. Leaf modules are called as modules, so their hooks,
+PEFT's LoRA layers and quantized linears keep working.
+
+When. Only where skipping the composite modules changes nothing:
+- the forwards of the encoder and of its six composite classes are, up to formatting, comments,
+  docstrings and annotations, ones this module was written against (``_KNOWN_SOURCES``: source
+  fingerprints of transformers 5.17 and 5.24; ``scripts/lean_layer_fingerprints.py`` prints them);
+  a transformers release that changes them runs transformers' layers until they are reviewed;
+- no hook on any composite module (transformers' own output-capturing hooks excepted while they
+  collect nothing: the adapter already sends ``output_hidden_states`` to transformers' layers), no
+  global module hook, no gradient checkpointing in a training layer, no TorchScript tracing.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import sys
+import textwrap
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.nn.modules import module as _nn_module
+
+__all__ = ["lean_layers", "source_fingerprint"]
+
+# Family prefix of each served encoder class (DistilBERT's Transformer has another layer structure).
+_PREFIXES = {
+    "BertEncoder": "Bert", "RobertaEncoder": "Roberta", "XLMRobertaEncoder": "XLMRoberta",
+    "CamembertEncoder": "Camembert", "ElectraEncoder": "Electra", "Data2VecTextEncoder": "Data2VecText",
+    "ErnieEncoder": "Ernie",
+}
+# (attribute path from the layer, class-name suffix) of the composite modules whose forwards the runner
+# replaces; the layer itself is ("", "Layer").
+_COMPOSITES = (("", "Layer"), ("attention", "Attention"), ("attention.self", "SelfAttention"),
+               ("attention.output", "SelfOutput"), ("intermediate", "Intermediate"), ("output", "Output"))
+# Fingerprints (``source_fingerprint``) of the encoder's and the six composites' forwards this module
+# replicates, family prefix normalised to "Bert": transformers 5.17.0 and 5.24.0 (5.24 renamed
+# ``past_key_values`` to ``cache``, which the packed path never passes).
+_KNOWN_SOURCES = frozenset({
+    "d3fa118a75590d20",  # transformers 5.17.0
+    "cb6861e6ea0a4f7a",  # transformers 5.24.0
+})
+_OUTPUT_CLASS = "BaseModelOutputWithPastAndCrossAttentions"
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe check (once per encoder class, and per module tree)
+# ----------------------------------------------------------------------------------------------
+
+def _normalised_source(fn: Callable) -> str:
+    """``fn``'s source without comments, docstrings, annotations or formatting (``ast.unparse``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            node.annotation = None
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def source_fingerprint(encoder_class: type, prefix: str) -> str:
+    """sha256 (16 hex digits) of the normalised forwards of the encoder class and of the six composite
+    classes of its module (``{prefix}Layer`` ...), ``prefix`` replaced by ``Bert``."""
+    model = sys.modules[encoder_class.__module__]
+    functions = [encoder_class.forward] + [getattr(model, prefix + suffix).forward for _, suffix in _COMPOSITES]
+    text = "\n".join(_normalised_source(fn) for fn in functions).replace(prefix, "Bert")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_class_verdicts: dict[type, str | None] = {}
+
+
+def _class_reason(encoder_class: type) -> str | None:
+    """Why the runner does not replicate ``encoder_class`` (None: it does). Once per class."""
+    if encoder_class in _class_verdicts:
+        return _class_verdicts[encoder_class]
+    prefix = _PREFIXES.get(encoder_class.__name__)
+    model = sys.modules.get(encoder_class.__module__)
+    reason = None
+    if prefix is None or model is None:
+        reason = f"{encoder_class.__name__} has no lean layers"
+    elif not all(isinstance(getattr(model, prefix + s, None), type) for _, s in _COMPOSITES) \
+            or not isinstance(getattr(model, _OUTPUT_CLASS, None), type):
+        reason = f"{model.__name__} lacks the classes of a {prefix} layer"
+    else:
+        try:
+            fingerprint = source_fingerprint(encoder_class, prefix)
+        except (OSError, TypeError, SyntaxError) as exc:
+            reason = f"the source of {encoder_class.__name__}'s layers is unavailable ({exc})"
+        else:
+            if fingerprint not in _KNOWN_SOURCES:
+                reason = f"{prefix} layers of an unreviewed transformers version (fingerprint {fingerprint})"
+    _class_verdicts[encoder_class] = reason
+    return reason
+
+
+def _resolve(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    m = layer
+    for name in filter(None, path.split(".")):
+        m = m._modules.get(name) if isinstance(m, torch.nn.Module) else None
+    return m
+
+
+class _Structure:
+    """The checked module structure of one encoder: its layers and their composite modules."""
+
+    def __init__(self, layers: tuple, composites: tuple, output_class: type) -> None:
+        self.layers, self.composites, self.output_class = layers, composites, output_class
+
+
+def _structure(encoder: torch.nn.Module) -> _Structure | str:
+    """The encoder's layers when every one is exactly the family's layer, with exactly the family's
+    composite classes inside (a subclass may override a forward); else the reason."""
+    cls = next((k for k in type(encoder).__mro__ if k.__name__ in _PREFIXES), None)
+    if cls is None:
+        return f"{type(encoder).__name__} has no lean layers"
+    reason = _class_reason(cls)
+    if reason is not None:
+        return reason
+    prefix = _PREFIXES[cls.__name__]
+    model = sys.modules[cls.__module__]
+    layers = encoder._modules.get("layer")
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return "no layer list"
+    composites = []
+    for layer in layers:
+        for path, suffix in _COMPOSITES:
+            m = _resolve(layer, path)
+            if type(m) is not getattr(model, prefix + suffix):
+                return f"layer module {path or 'layer'} is {type(m).__name__}, not {prefix + suffix}"
+            composites.append(m)
+    return _Structure(tuple(layers), tuple(composites), getattr(model, _OUTPUT_CLASS))
+
+
+_structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_structure(encoder: torch.nn.Module, key: tuple) -> _Structure | str:
+    cached = _structures.get(encoder)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found = _structure(encoder)
+    _structures[encoder] = (key, found)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# per-forward checks (hooks, checkpointing, tracing)
+# ----------------------------------------------------------------------------------------------
+
+def _is_idle_capture_hook(hook) -> bool:
+    """transformers' output-capturing hook, a no-op while its collector collects nothing (the
+    adapter sends a forward that collects to transformers' layers)."""
+    return getattr(hook, "__module__", None) == _CAPTURE_MODULE and \
+        getattr(hook, "__name__", None) == "output_capturing_hook"
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return True
+    hooks = m._forward_hooks
+    return bool(hooks) and not all(_is_idle_capture_hook(h) for h in hooks.values())
+
+
+def _global_hooks() -> bool:
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+                or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks)
+
+
+def _call_reason(structure: _Structure) -> str | None:
+    if torch.jit.is_tracing():
+        return "TorchScript tracing"
+    if _global_hooks():
+        return "a global module hook"
+    for m in structure.composites:
+        if _hooked(m):
+            return f"a hook on {type(m).__name__}"
+    for layer in structure.layers:
+        if layer.training and getattr(layer, "gradient_checkpointing", False):
+            return "gradient checkpointing"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the runner
+# ----------------------------------------------------------------------------------------------
+
+def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend: Callable) -> torch.Tensor:
+    """transformers' {Bert}Layer on packed self-attention: (1, T, E) -> (1, T, E), same leaf calls."""
+    attention, feed_in, feed_out = layer.attention, layer.intermediate, layer.output
+    sa, so = attention.self, attention.output
+    head_dim = sa.attention_head_size
+    # [T, H, D] views of the projections: the layout hf_interface._packed gives the kernel
+    q = sa.query(hidden).view(total, -1, head_dim)
+    k = sa.key(hidden).view(total, -1, head_dim)
+    v = sa.value(hidden).view(total, -1, head_dim)
+    out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
+    # [1, T, E], as transformers' reshape + contiguous (a view of the kernel's contiguous [T, H, D] output)
+    attended = out.reshape(1, total, -1).contiguous()
+    x = so.LayerNorm(so.dropout(so.dense(attended)) + hidden)
+    y = feed_out.dense(feed_in.intermediate_act_fn(feed_in.dense(x)))
+    return feed_out.LayerNorm(feed_out.dropout(y) + x)
+
+
+class _Runner:
+    """Runs the checked layers on the packed tokens of one forward."""
+
+    def __init__(self, structure: _Structure, flash_attention: Callable) -> None:
+        self.structure, self.flash_attention = structure, flash_attention
+
+    def __call__(self, packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+        flash = self.flash_attention
+
+        def attend(q, k, v, scaling, dropout):
+            # hf_interface.attention_forward's packed call, keyword for keyword
+            return flash(q, k, v, causal=False, softmax_scale=scaling, dropout_p=float(dropout),
+                         window_size=(-1, -1), softcap=0.0, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+
+        hidden, total = packed, packed.shape[1]
+        for layer in self.structure.layers:
+            hidden = _bert_layer(layer, hidden, total, attend)
+        return self.structure.output_class(last_hidden_state=hidden)
+
+
+def lean_layers(encoder: torch.nn.Module, key: tuple, flash_attention: Callable) -> tuple[_Runner | None, str | None]:
+    """(runner, None) when the encoder's layers may run as one function for this forward, else (None,
+    the reason). ``key``: the encoder adapter's module-tree key (changes whenever the tree may have);
+    ``flash_attention``: the attention function (looked up by the caller on every forward)."""
+    found = _cached_structure(encoder, key)
+    if isinstance(found, str):
+        return None, found
+    reason = _call_reason(found)
+    if reason is not None:
+        return None, reason
+    return _Runner(found, flash_attention), None
