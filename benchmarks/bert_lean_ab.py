@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--train", action="store_true", help="fine-tune step (BertForSequenceClassification, AdamW)")
     ap.add_argument("--quick", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--profile", action="store_true", help="also print the host ops of 3 lean calls (torch.profiler)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -77,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in variants}
+    host: dict[str, list[float]] = {k: [] for k in variants}  # until the call returned (GPU may trail)
     for _ in range(args.iters):
         for name, fn in variants.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
+            host[name].append((time.perf_counter() - start) * 1e3)
             if device == "cuda":
                 torch.cuda.synchronize()
             samples[name].append((time.perf_counter() - start) * 1e3)
@@ -90,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     task = "fine-tune step" if args.train else "inference"
     for name, v in samples.items():
         print(f"{task:14s} {name:7s} median {med[name]:7.2f} ms  min {min(v):7.2f}  max {max(v):7.2f}  "
-              f"sdpa / this {med['sdpa'] / med[name]:.3f}x")
+              f"host {statistics.median(host[name]):7.2f}  sdpa / this {med['sdpa'] / med[name]:.3f}x")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                run_ours()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     return 0
 
 

@@ -692,9 +692,12 @@ def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
         pass
 
     sub = copy.deepcopy(ours)
-    sub.encoder.layer[1].__class__ = Layer  # a subclass may override a forward: no module registration
-    encoder_layers._structures.clear()
-    assert torch.equal(layers_run(sub), want)
+    runs.clear()
+    with torch.no_grad():
+        _hidden(sub, ids, mask)
+    assert runs == [LAYERS]
+    sub.encoder.layer[1].__class__ = Layer  # after a lean forward: a subclass may override a forward,
+    assert torch.equal(layers_run(sub), want)  # and a __class__ assignment registers no module
 
     with monkeypatch.context() as mp:
         mp.setattr(encoder_layers, "_KNOWN_SOURCES", frozenset())

@@ -11,11 +11,12 @@ What. ``lean_layers(encoder, key)`` gives a runner when the encoder is one of th
 replicates, else ``None`` (the adapter then calls the encoder's own forward on the packed tokens, as
 before). The runner does exactly what transformers' ``{Bert}Encoder.forward`` -> ``{Bert}Layer`` ->
 ``{Bert}Attention`` -> ``{Bert}SelfAttention`` / ``{Bert}SelfOutput`` -> ``{Bert}Intermediate`` ->
-``{Bert}Output`` do on packed self-attention, with the same leaf modules called in the same order (so
-the same ops, the same dropout draws from torch's generator: outputs and gradients are bitwise those
-of transformers' layers, in eval and in train mode), and the attention as the same ``flash_attention``
-call that ``hf_interface.attention_forward`` makes. Leaf modules are called as modules, so their hooks,
-PEFT's LoRA layers and quantized linears keep working.
+``{Bert}Output`` do on packed self-attention: the same leaf ops in the same order (so the same dropout
+draws from torch's generator: outputs and gradients are bitwise those of transformers' layers, in eval
+and in train mode), and the attention as the same ``flash_attention`` call that
+``hf_interface.attention_forward`` makes. A leaf that is exactly ``nn.Linear`` / ``nn.LayerNorm`` /
+``nn.Dropout`` without hooks of its own runs as its forward's functional op; any other leaf (PEFT's
+LoRA layers, a quantized linear, a hooked leaf, the activation) is called as a module.
 
 When. Only where skipping the composite modules changes nothing:
 - the forwards of the encoder and of its six composite classes are, up to formatting, comments,
@@ -38,6 +39,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
 __all__ = ["lean_layers", "source_fingerprint"]
@@ -130,6 +132,7 @@ class _Structure:
 
     def __init__(self, layers: tuple, composites: tuple, output_class: type) -> None:
         self.layers, self.composites, self.output_class = layers, composites, output_class
+        self.classes = tuple(type(m) for m in composites)
 
 
 def _structure(encoder: torch.nn.Module) -> _Structure | str:
@@ -196,7 +199,9 @@ def _call_reason(structure: _Structure) -> str | None:
         return "TorchScript tracing"
     if _global_hooks():
         return "a global module hook"
-    for m in structure.composites:
+    for m, cls in zip(structure.composites, structure.classes):
+        if type(m) is not cls:  # a __class__ assignment registers nothing: checked on every forward
+            return f"{type(m).__name__} in place of {cls.__name__}"
         if _hooked(m):
             return f"a hook on {type(m).__name__}"
     for layer in structure.layers:
@@ -209,21 +214,52 @@ def _call_reason(structure: _Structure) -> str | None:
 # the runner
 # ----------------------------------------------------------------------------------------------
 
+# Leaves of these exact classes without hooks of their own are called as their forward's functional op
+# (the module call's hook dispatch skipped); anything else (a subclass, PEFT's LoRA layer, a quantized
+# linear, a hooked leaf) is called as a module.
+_Linear, _LayerNorm, _Dropout = torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Dropout
+
+
+def _plain(m: torch.nn.Module) -> bool:
+    """No hook of its own (the global ones were checked for this forward)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is _Linear and _plain(m):
+        return F.linear(x, m.weight, m.bias)  # nn.Linear.forward
+    return m(x)
+
+
+def _layer_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is _LayerNorm and _plain(m):
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)  # nn.LayerNorm.forward
+    return m(x)
+
+
+def _dropout(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is _Dropout and _plain(m):
+        # nn.Dropout.forward; in eval F.dropout returns its input, so the call is skipped
+        return F.dropout(x, m.p, True, m.inplace) if m.training else x
+    return m(x)
+
+
 def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend: Callable) -> torch.Tensor:
-    """transformers' {Bert}Layer on packed self-attention: (1, T, E) -> (1, T, E), same leaf calls."""
+    """transformers' {Bert}Layer on packed self-attention: (1, T, E) -> (1, T, E), the same leaf ops in
+    the same order (so the same dropout draws)."""
     attention, feed_in, feed_out = layer.attention, layer.intermediate, layer.output
     sa, so = attention.self, attention.output
     head_dim = sa.attention_head_size
     # [T, H, D] views of the projections: the layout hf_interface._packed gives the kernel
-    q = sa.query(hidden).view(total, -1, head_dim)
-    k = sa.key(hidden).view(total, -1, head_dim)
-    v = sa.value(hidden).view(total, -1, head_dim)
+    q = _linear(sa.query, hidden).view(total, -1, head_dim)
+    k = _linear(sa.key, hidden).view(total, -1, head_dim)
+    v = _linear(sa.value, hidden).view(total, -1, head_dim)
     out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
     # [1, T, E], as transformers' reshape + contiguous (a view of the kernel's contiguous [T, H, D] output)
     attended = out.reshape(1, total, -1).contiguous()
-    x = so.LayerNorm(so.dropout(so.dense(attended)) + hidden)
-    y = feed_out.dense(feed_in.intermediate_act_fn(feed_in.dense(x)))
-    return feed_out.LayerNorm(feed_out.dropout(y) + x)
+    x = _layer_norm(so.LayerNorm, _dropout(so.dropout, _linear(so.dense, attended)) + hidden)
+    y = _linear(feed_out.dense, feed_in.intermediate_act_fn(_linear(feed_in.dense, x)))
+    return _layer_norm(feed_out.LayerNorm, _dropout(feed_out.dropout, y) + x)
 
 
 class _Runner:
