@@ -19,12 +19,12 @@ def main() -> None:
     print("transformers", transformers.__version__)
     for path in encoder_unpad.ENCODER_CLASSES:
         module_name, name = path.split(":")
-        prefix = encoder_layers._PREFIXES.get(name)
-        if prefix is None:
+        family = encoder_layers.FAMILIES.get(name)
+        if family is None:
             print(f"{name:24s} (no lean layers)")
             continue
         cls = getattr(importlib.import_module(module_name), name)
-        fingerprint = encoder_layers.source_fingerprint(cls, prefix)
+        fingerprint = encoder_layers.source_fingerprint(cls, family)
         known = "known" if fingerprint in encoder_layers._KNOWN_SOURCES else "NEW"
         print(f"{name:24s} {fingerprint} {known}")
 

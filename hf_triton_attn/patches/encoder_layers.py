@@ -1,5 +1,5 @@
-"""Lean layers for the encoder adapter: the packed tokens of a BERT-family encoder go through its
-layers as one function of the same modules, instead of through transformers' layer modules.
+"""Lean layers for the encoder adapter: the packed tokens of a BERT-family or DistilBERT encoder go
+through its layers as one function of the same modules, instead of through transformers' layer modules.
 
 Why. BERT inference with the encoder adapter is host-bound: the GPU work of a packed BERT-base layer
 is ~0.4 ms, and transformers' layer code takes 0.56-1.4 ms of host time per layer on the lent H100
@@ -7,25 +7,28 @@ hosts (benchmarks/NOTES.md, sessions 14-15): six nested module calls with keywor
 ``apply_chunking_to_forward``'s ``inspect.signature`` on every layer, the attention interface's lookup
 and checks. The leaves (the Linear, LayerNorm, Dropout and activation modules) are what does the work.
 
-What. ``lean_layers(encoder, key)`` gives a runner when the encoder is one of the families this module
-replicates, else ``None`` (the adapter then calls the encoder's own forward on the packed tokens, as
-before). The runner does exactly what transformers' ``{Bert}Encoder.forward`` -> ``{Bert}Layer`` ->
-``{Bert}Attention`` -> ``{Bert}SelfAttention`` / ``{Bert}SelfOutput`` -> ``{Bert}Intermediate`` ->
-``{Bert}Output`` do on packed self-attention: the same leaf ops in the same order (so the same dropout
-draws from torch's generator: outputs and gradients are bitwise those of transformers' layers, in eval
-and in train mode), and the attention as the same ``flash_attention`` call that
-``hf_interface.attention_forward`` makes. A leaf that is exactly ``nn.Linear`` / ``nn.LayerNorm`` /
-``nn.Dropout`` without hooks of its own runs as its forward's functional op; any other leaf (PEFT's
-LoRA layers, a quantized linear, a hooked leaf, the activation) is called as a module.
+What. ``lean_layers(encoder, key, flash_attention)`` gives a runner when the encoder is one of the
+families in ``FAMILIES``, else the reason (the adapter then calls the encoder's own forward on the
+packed tokens, as before). The runner does exactly what transformers' encoder forward and the layer's
+composite modules (``{Bert}Layer`` -> ``{Bert}Attention`` -> ``{Bert}SelfAttention`` /
+``{Bert}SelfOutput`` -> ``{Bert}Intermediate`` -> ``{Bert}Output``; DistilBERT's ``TransformerBlock``
+-> ``DistilBertSelfAttention`` / ``FFN``) do on packed self-attention: the same leaf ops in the same
+order (so the same dropout draws from torch's generator: outputs and gradients are bitwise those of
+transformers' layers, in eval and in train mode), and the attention as the same ``flash_attention``
+call that ``hf_interface.attention_forward`` makes. A leaf that is exactly ``nn.Linear`` /
+``nn.LayerNorm`` / ``nn.Dropout`` without hooks of its own runs as its forward's functional op; any
+other leaf (PEFT's LoRA layers, a quantized linear, a hooked leaf, the activation) is called as a module.
 
 When. Only where skipping the composite modules changes nothing:
-- the forwards of the encoder and of its six composite classes are, up to formatting, comments,
-  docstrings and annotations, ones this module was written against (``_KNOWN_SOURCES``: source
-  fingerprints of transformers 5.17 and 5.24; ``scripts/lean_layer_fingerprints.py`` prints them);
-  a transformers release that changes them runs transformers' layers until they are reviewed;
-- no hook on any composite module (transformers' own output-capturing hooks excepted while they
-  collect nothing: the adapter already sends ``output_hidden_states`` to transformers' layers), no
-  global module hook, no gradient checkpointing in a training layer, no TorchScript tracing.
+- the sources of the encoder class and of its composite classes are, up to formatting, comments,
+  docstrings and annotations, ones this module was written against (``_KNOWN_SOURCES``: fingerprints
+  of transformers 5.17 and 5.24; ``scripts/lean_layer_fingerprints.py`` prints them); a transformers
+  release that changes them runs transformers' layers until they are reviewed;
+- every layer holds exactly those classes (checked on every forward: a ``__class__`` assignment
+  registers nothing), no hook on any composite module (transformers' own output-capturing hooks
+  excepted while they collect nothing: the adapter already sends ``output_hidden_states`` to
+  transformers' layers), no global module hook, no gradient checkpointing in a training layer, no
+  TorchScript tracing.
 """
 
 from __future__ import annotations
@@ -37,31 +40,42 @@ import sys
 import textwrap
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
-__all__ = ["lean_layers", "source_fingerprint"]
+__all__ = ["lean_layers", "source_fingerprint", "FAMILIES"]
 
-# Family prefix of each served encoder class (DistilBERT's Transformer has another layer structure).
-_PREFIXES = {
-    "BertEncoder": "Bert", "RobertaEncoder": "Roberta", "XLMRobertaEncoder": "XLMRoberta",
-    "CamembertEncoder": "Camembert", "ElectraEncoder": "Electra", "Data2VecTextEncoder": "Data2VecText",
-    "ErnieEncoder": "Ernie",
-}
-# (attribute path from the layer, class-name suffix) of the composite modules whose forwards the runner
-# replaces; the layer itself is ("", "Layer").
-_COMPOSITES = (("", "Layer"), ("attention", "Attention"), ("attention.self", "SelfAttention"),
-               ("attention.output", "SelfOutput"), ("intermediate", "Intermediate"), ("output", "Output"))
-# Fingerprints (``source_fingerprint``) of the encoder's and the six composites' forwards this module
-# replicates, family prefix normalised to "Bert": transformers 5.17.0 and 5.24.0 (5.24 renamed
-# ``past_key_values`` to ``cache``, which the packed path never passes).
+
+class _Family(NamedTuple):
+    """One layer structure the runner replicates."""
+
+    prefix: str  # the family's class-name prefix, replaced by ``Bert`` in fingerprints ("" for none)
+    composites: tuple[tuple[str, str], ...]  # (attribute path from the layer, class name); "" = the layer
+    output_class: str  # what the encoder's forward returns
+    layer: Callable  # the layer function: (layer, hidden (1, T, E), T, attend) -> (1, T, E)
+
+
+def _bert_family(prefix: str) -> _Family:
+    names = (("", "Layer"), ("attention", "Attention"), ("attention.self", "SelfAttention"),
+             ("attention.output", "SelfOutput"), ("intermediate", "Intermediate"), ("output", "Output"))
+    return _Family(prefix, tuple((path, prefix + name) for path, name in names),
+                   "BaseModelOutputWithPastAndCrossAttentions", _bert_layer)
+
+
+# Encoder class name -> its family (filled below the layer functions).
+FAMILIES: dict[str, _Family] = {}
+# ``source_fingerprint`` of the encoder class and its composite classes (whole class sources, so
+# ``feed_forward_chunk`` and ``__init__`` count too) that the layer functions were written against:
+# BERT-style families (all seven identical once the prefix is normalised) and DistilBERT, transformers
+# 5.17.0 and 5.24.0 (5.24 renamed ``past_key_values`` to ``cache``, which the packed path never passes).
 _KNOWN_SOURCES = frozenset({
-    "d3fa118a75590d20",  # transformers 5.17.0
-    "cb6861e6ea0a4f7a",  # transformers 5.24.0
+    "4db21a2fed49af4f",  # BERT-style, transformers 5.17.0
+    "ccf4c9977461f620",  # BERT-style, transformers 5.24.0
+    "5e97f09786850d63",  # DistilBERT, transformers 5.17.0 and 5.24.0
 })
-_OUTPUT_CLASS = "BaseModelOutputWithPastAndCrossAttentions"
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 
 
@@ -69,14 +83,17 @@ _CAPTURE_MODULE = "transformers.utils.output_capturing"
 # the recipe check (once per encoder class, and per module tree)
 # ----------------------------------------------------------------------------------------------
 
-def _normalised_source(fn: Callable) -> str:
-    """``fn``'s source without comments, docstrings, annotations or formatting (``ast.unparse``)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+def _normalised_source(obj) -> str:
+    """``obj``'s source without comments, docstrings, annotations or formatting (``ast.unparse``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
     for node in ast.walk(tree):
         if isinstance(node, ast.arg):
             node.annotation = None
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        elif isinstance(node, ast.AnnAssign):
+            node.annotation = ast.Constant(None)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.returns = None
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
                     and isinstance(body[0].value.value, str):
@@ -84,38 +101,39 @@ def _normalised_source(fn: Callable) -> str:
     return ast.unparse(tree)
 
 
-def source_fingerprint(encoder_class: type, prefix: str) -> str:
-    """sha256 (16 hex digits) of the normalised forwards of the encoder class and of the six composite
-    classes of its module (``{prefix}Layer`` ...), ``prefix`` replaced by ``Bert``."""
-    model = sys.modules[encoder_class.__module__]
-    functions = [encoder_class.forward] + [getattr(model, prefix + suffix).forward for _, suffix in _COMPOSITES]
-    text = "\n".join(_normalised_source(fn) for fn in functions).replace(prefix, "Bert")
+def _family_classes(encoder_class: type, family: _Family) -> list | None:
+    """The family's composite classes in the encoder's module, or None where one is missing."""
+    model = sys.modules.get(encoder_class.__module__)
+    found = [getattr(model, name, None) for _, name in family.composites] + [getattr(model, family.output_class, None)]
+    return found if all(isinstance(c, type) for c in found) else None
+
+
+def source_fingerprint(encoder_class: type, family: _Family) -> str:
+    """sha256 (16 hex digits) of the normalised sources of the encoder class and of the family's
+    composite classes in its module, the family prefix replaced by ``Bert``."""
+    classes = _family_classes(encoder_class, family)
+    if classes is None:
+        raise TypeError(f"{encoder_class.__module__} lacks the classes of a {family.prefix or 'DistilBERT'} layer")
+    text = "\n".join(_normalised_source(c) for c in [encoder_class, *classes[:-1]])
+    if family.prefix:
+        text = text.replace(family.prefix, "Bert")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _class_verdicts: dict[type, str | None] = {}
 
 
-def _class_reason(encoder_class: type) -> str | None:
+def _class_reason(encoder_class: type, family: _Family) -> str | None:
     """Why the runner does not replicate ``encoder_class`` (None: it does). Once per class."""
     if encoder_class in _class_verdicts:
         return _class_verdicts[encoder_class]
-    prefix = _PREFIXES.get(encoder_class.__name__)
-    model = sys.modules.get(encoder_class.__module__)
-    reason = None
-    if prefix is None or model is None:
-        reason = f"{encoder_class.__name__} has no lean layers"
-    elif not all(isinstance(getattr(model, prefix + s, None), type) for _, s in _COMPOSITES) \
-            or not isinstance(getattr(model, _OUTPUT_CLASS, None), type):
-        reason = f"{model.__name__} lacks the classes of a {prefix} layer"
+    try:
+        fingerprint = source_fingerprint(encoder_class, family)
+    except (OSError, TypeError, SyntaxError) as exc:
+        reason = f"the source of {encoder_class.__name__}'s layers is unavailable ({exc})"
     else:
-        try:
-            fingerprint = source_fingerprint(encoder_class, prefix)
-        except (OSError, TypeError, SyntaxError) as exc:
-            reason = f"the source of {encoder_class.__name__}'s layers is unavailable ({exc})"
-        else:
-            if fingerprint not in _KNOWN_SOURCES:
-                reason = f"{prefix} layers of an unreviewed transformers version (fingerprint {fingerprint})"
+        reason = None if fingerprint in _KNOWN_SOURCES else \
+            f"{encoder_class.__name__} of an unreviewed transformers version (fingerprint {fingerprint})"
     _class_verdicts[encoder_class] = reason
     return reason
 
@@ -128,35 +146,37 @@ def _resolve(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 
 class _Structure:
-    """The checked module structure of one encoder: its layers and their composite modules."""
+    """The checked module structure of one encoder: its layers, their composite modules (and the
+    classes those must keep), the family."""
 
-    def __init__(self, layers: tuple, composites: tuple, output_class: type) -> None:
-        self.layers, self.composites, self.output_class = layers, composites, output_class
+    def __init__(self, family: _Family, layers: tuple, composites: tuple, output_class: type) -> None:
+        self.family, self.layers, self.composites, self.output_class = family, layers, composites, output_class
         self.classes = tuple(type(m) for m in composites)
 
 
 def _structure(encoder: torch.nn.Module) -> _Structure | str:
     """The encoder's layers when every one is exactly the family's layer, with exactly the family's
     composite classes inside (a subclass may override a forward); else the reason."""
-    cls = next((k for k in type(encoder).__mro__ if k.__name__ in _PREFIXES), None)
+    cls = next((k for k in type(encoder).__mro__ if k.__name__ in FAMILIES and
+                k.__module__.startswith("transformers.models.")), None)
     if cls is None:
         return f"{type(encoder).__name__} has no lean layers"
-    reason = _class_reason(cls)
+    family = FAMILIES[cls.__name__]
+    reason = _class_reason(cls, family)
     if reason is not None:
         return reason
-    prefix = _PREFIXES[cls.__name__]
-    model = sys.modules[cls.__module__]
+    classes = _family_classes(cls, family)
     layers = encoder._modules.get("layer")
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         return "no layer list"
     composites = []
     for layer in layers:
-        for path, suffix in _COMPOSITES:
+        for (path, _), want in zip(family.composites, classes):
             m = _resolve(layer, path)
-            if type(m) is not getattr(model, prefix + suffix):
-                return f"layer module {path or 'layer'} is {type(m).__name__}, not {prefix + suffix}"
+            if type(m) is not want:
+                return f"layer module {path or 'layer'} is {type(m).__name__}, not {want.__name__}"
             composites.append(m)
-    return _Structure(tuple(layers), tuple(composites), getattr(model, _OUTPUT_CLASS))
+    return _Structure(family, tuple(layers), tuple(composites), classes[-1])
 
 
 _structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -262,6 +282,27 @@ def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend
     return _layer_norm(feed_out.LayerNorm, _dropout(feed_out.dropout, y) + x)
 
 
+def _distilbert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend: Callable) -> torch.Tensor:
+    """transformers' DistilBERT ``TransformerBlock`` on packed self-attention, as ``_bert_layer``."""
+    sa, ffn = layer.attention, layer.ffn
+    head_dim = sa.attention_head_size
+    q = _linear(sa.q_lin, hidden).view(total, -1, head_dim)
+    k = _linear(sa.k_lin, hidden).view(total, -1, head_dim)
+    v = _linear(sa.v_lin, hidden).view(total, -1, head_dim)
+    out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
+    attended = _linear(sa.out_lin, out.reshape(1, total, -1).contiguous())
+    x = _layer_norm(layer.sa_layer_norm, attended + hidden)
+    y = _dropout(ffn.dropout, _linear(ffn.lin2, ffn.activation(_linear(ffn.lin1, x))))
+    return _layer_norm(layer.output_layer_norm, y + x)
+
+
+FAMILIES.update({f"{prefix}Encoder": _bert_family(prefix) for prefix in
+                 ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Data2VecText", "Ernie")})
+FAMILIES["Transformer"] = _Family(  # DistilBERT
+    "", (("", "TransformerBlock"), ("attention", "DistilBertSelfAttention"), ("ffn", "FFN")), "BaseModelOutput",
+    _distilbert_layer)
+
+
 class _Runner:
     """Runs the checked layers on the packed tokens of one forward."""
 
@@ -277,9 +318,9 @@ class _Runner:
                          window_size=(-1, -1), softcap=0.0, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                          max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
 
-        hidden, total = packed, packed.shape[1]
+        hidden, total, layer_fn = packed, packed.shape[1], self.structure.family.layer
         for layer in self.structure.layers:
-            hidden = _bert_layer(layer, hidden, total, attend)
+            hidden = layer_fn(layer, hidden, total, attend)
         return self.structure.output_class(last_hidden_state=hidden)
 
 

@@ -47,6 +47,11 @@ runs otherwise (silently where the situation is ordinary, warned once where it i
   fullgraph trace; a compiled encoder takes the padded interface path, which traces).
 Forward hooks a user registers on the layers see the packed ``(1, T, H)`` tensors.
 
+Lean layers. Where nothing needs transformers' own layer modules (no hooks on them, no output
+capture, a reviewed transformers source: ``encoder_layers.py``), the packed tokens go through the
+layers as one function of the same leaf modules, bitwise the same outputs and gradients with less
+host time per layer; otherwise the encoder's own forward runs the layers on the packed tokens.
+
 Host cost. These checks run on every forward, so the attention modules inside the encoder are found
 once and cached until the module tree may have changed (a global module-registration hook, installed
 on the first forward of a patched encoder, counts registrations); configs are read once per forward. H100
