@@ -136,6 +136,47 @@ def test_more_than_65535_heads_times_batch(layout):
     assert ((mask == 0) | (mask == 1)).all(), "programs past grid row 65535 never wrote their mask"
 
 
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_kernel_as_a_threads_first_cuda_work(layout):
+    """A thread whose first CUDA work is our kernel (a server's worker thread calling the attention
+    directly): the tensor descriptors are encoded before Triton's launcher makes a context current,
+    which failed with "invalid device context" (H100, 2026-11-27). The forward and backward in a fresh
+    thread give bitwise the main thread's results. Inputs are made on the main thread: a torch kernel
+    or a cudaMalloc in the new thread would make its context current and hide the case."""
+    import threading
+
+    torch.manual_seed(0)
+    b, h, s, d = 2, 4, 300, 64
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    if layout == "varlen":
+        cu = torch.tensor([0, 300, 600], device="cuda", dtype=torch.int32)
+        q, k, v, dout = (t.reshape(b * s, h, d) for t in (q, k, v, dout))
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s)
+    else:
+        q, k, v, dout = (t.transpose(1, 2) for t in (q, k, v, dout))
+        kw = {}
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def run() -> tuple:
+        out = flash_attention(q, k, v, backend="triton", **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    # Run twice here and free the first results: the thread's allocations then come from the caching
+    # allocator's free blocks without a cudaMalloc (a runtime call would make the context current).
+    run()
+    want = run()
+    torch.cuda.synchronize()
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(run()))
+    thread.start()
+    thread.join()
+    assert results, "the call in a fresh thread raised (see the thread's traceback above)"
+    torch.cuda.synchronize()
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), results[0], want):
+        assert torch.equal(got, expected), name
+
+
 def test_long_sequence_131072_forward_backward():
     """S = 131072, D = 128, B = 1, H = 16, causal, forward + backward (issue "Performance": memory).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -247,6 +248,23 @@ def _predicted_triton_spec(cls) -> tuple:
 
 # Whether the launcher takes pointer arguments as ints: None until the first cached launch tells.
 _INT_POINTERS: list = [None]
+# Set on a thread once its CUDA context is known to be current (see _make_context_current).
+_thread_state = threading.local()
+
+
+def _make_context_current(t: torch.Tensor) -> None:
+    """Make the CUDA context current on this thread, once per thread.
+
+    Host tensor descriptors are encoded by the driver API (``cuTensorMapEncodeTiled``, Triton's
+    ``fill_tma_descriptor``) before Triton's launcher makes a context current (its
+    ``ensureCudaContext`` runs at the launch itself). On a thread that has run no CUDA work yet, torch
+    does not touch the runtime either (``set_device(0)`` is skipped when ``cudaGetDevice`` already says
+    0, and cached allocations make no CUDA call), so the encode failed with "invalid device context"
+    when our kernel was a thread's first CUDA work (H100, 2026-11-27: ``benchmarks/host_backward.py``'s
+    thread probe). ``cudaMemGetInfo`` is a runtime call without a sync: it makes the device's primary
+    context current."""
+    torch.cuda.mem_get_info(t.device)
+    _thread_state.ready = True
 
 
 class CachedLauncher:
@@ -300,6 +318,8 @@ class CachedLauncher:
         self.plans: dict = {}  # compiled kernel -> _descriptor_plan (False: launch through kernel.run)
 
     def __call__(self, grid: tuple, args: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> None:
+        if not _thread_state.__dict__ and args[0].is_cuda:
+            _make_context_current(args[0])
         if self.fast and args[0].is_cuda:
             runtime = self._knobs.runtime
             if _hooks_idle(runtime.launch_enter_hook) and _hooks_idle(runtime.launch_exit_hook):
