@@ -11,6 +11,7 @@ writes zeros at padding positions (checked), where eager holds values computed f
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import warnings
 import weakref
@@ -660,9 +661,10 @@ def test_lean_layers_are_bitwise_transformers_layers(name, monkeypatch):
 
 def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
     """transformers' layers run (bitwise the lean output where both apply) with a forward hook on a layer,
-    a global module hook, a layer replaced by a subclass, an unknown source fingerprint, gradient
-    checkpointing in training, and output_hidden_states (collected by hooks on the layers). A hook on a
-    leaf module keeps the lean runner, and its effect: the same output as transformers' layers with it."""
+    a global module hook, a layer replaced by a subclass, an unknown source fingerprint, a forward set on
+    a layer instance (accelerate's hooks), gradient checkpointing in training, and output_hidden_states
+    (collected by hooks on the layers). A hook or an instance forward on a leaf module keeps the lean
+    runner, and its effect: the same output as transformers' layers with it."""
     _, _, ours = _trio("bert")
     ours.eval()
     ids, mask = _batch()
@@ -704,6 +706,12 @@ def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
         mp.setattr(encoder_layers, "_structures", weakref.WeakKeyDictionary())
         assert torch.equal(layers_run(), want)
 
+    # accelerate's hooks replace the instance's forward (device placement, offloaded weights)
+    layer = ours.encoder.layer[0]
+    layer.forward = functools.partial(type(layer).forward, layer)
+    assert torch.equal(layers_run(), want)
+    del layer.forward
+
     hidden = layers_run(output_hidden_states=True)
     assert torch.equal(hidden, want)
 
@@ -724,3 +732,10 @@ def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
     handle.remove()
     leaf.remove()
     assert torch.equal(lean, layers) and not torch.equal(lean, want)
+    # an instance-level forward on a leaf (accelerate) is honoured: the leaf is called as a module
+    query.forward = lambda x: torch.nn.Linear.forward(query, x) * 1.5
+    runs.clear()
+    with torch.no_grad():
+        assert torch.equal(_hidden(ours, ids, mask), lean)
+    assert runs == [LAYERS]
+    del query.forward

@@ -25,7 +25,8 @@ When. Only where skipping the composite modules changes nothing:
   of transformers 5.17 and 5.24; ``scripts/lean_layer_fingerprints.py`` prints them); a transformers
   release that changes them runs transformers' layers until they are reviewed;
 - every layer holds exactly those classes (checked on every forward: a ``__class__`` assignment
-  registers nothing), no hook on any composite module (transformers' own output-capturing hooks
+  registers nothing), no hook, instance-level ``forward`` (accelerate's device hooks) or
+  ``module.compile()`` on any composite module (transformers' own output-capturing hooks
   excepted while they collect nothing: the adapter already sends ``output_hidden_states`` to
   transformers' layers), no global module hook, no gradient checkpointing in a training layer, no
   TorchScript tracing.
@@ -203,7 +204,10 @@ def _is_idle_capture_hook(hook) -> bool:
 
 
 def _hooked(m: torch.nn.Module) -> bool:
-    if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+    """Whether calling ``m`` does more than its class's forward: hooks, a forward set on the instance
+    (accelerate's device-placement hooks wrap ``module.forward``), ``module.compile()``."""
+    if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in m.__dict__ \
+            or m._compiled_call_impl is not None:
         return True
     hooks = m._forward_hooks
     return bool(hooks) and not all(_is_idle_capture_hook(h) for h in hooks.values())
@@ -241,8 +245,10 @@ _Linear, _LayerNorm, _Dropout = torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Dr
 
 
 def _plain(m: torch.nn.Module) -> bool:
-    """No hook of its own (the global ones were checked for this forward)."""
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+    """Calling ``m`` is its class's forward: no hook of its own (the global ones were checked for this
+    forward), no forward set on the instance (accelerate), not compiled."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__ or m._compiled_call_impl is not None)
 
 
 def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
