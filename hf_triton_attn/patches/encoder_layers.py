@@ -270,19 +270,24 @@ def _dropout(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def _attend(sa: torch.nn.Module, projections: tuple, hidden: torch.Tensor, total: int,
+            attend: Callable) -> torch.Tensor:
+    """The self-attention module ``sa``'s q / k / v ``projections`` of ``hidden`` (1, T, E), attended:
+    (1, T, E) before any output projection, as transformers' self-attention forward returns it."""
+    head_dim = sa.attention_head_size
+    # [T, H, D] views of the projections: the layout hf_interface._packed gives the kernel
+    q, k, v = (_linear(p, hidden).view(total, -1, head_dim) for p in projections)
+    out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
+    # [1, T, E], as transformers' reshape + contiguous (a view of the kernel's contiguous [T, H, D] output)
+    return out.reshape(1, total, -1).contiguous()
+
+
 def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend: Callable) -> torch.Tensor:
     """transformers' {Bert}Layer on packed self-attention: (1, T, E) -> (1, T, E), the same leaf ops in
     the same order (so the same dropout draws)."""
     attention, feed_in, feed_out = layer.attention, layer.intermediate, layer.output
     sa, so = attention.self, attention.output
-    head_dim = sa.attention_head_size
-    # [T, H, D] views of the projections: the layout hf_interface._packed gives the kernel
-    q = _linear(sa.query, hidden).view(total, -1, head_dim)
-    k = _linear(sa.key, hidden).view(total, -1, head_dim)
-    v = _linear(sa.value, hidden).view(total, -1, head_dim)
-    out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
-    # [1, T, E], as transformers' reshape + contiguous (a view of the kernel's contiguous [T, H, D] output)
-    attended = out.reshape(1, total, -1).contiguous()
+    attended = _attend(sa, (sa.query, sa.key, sa.value), hidden, total, attend)
     x = _layer_norm(so.LayerNorm, _dropout(so.dropout, _linear(so.dense, attended)) + hidden)
     y = _linear(feed_out.dense, feed_in.intermediate_act_fn(_linear(feed_in.dense, x)))
     return _layer_norm(feed_out.LayerNorm, _dropout(feed_out.dropout, y) + x)
@@ -291,12 +296,7 @@ def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend
 def _distilbert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend: Callable) -> torch.Tensor:
     """transformers' DistilBERT ``TransformerBlock`` on packed self-attention, as ``_bert_layer``."""
     sa, ffn = layer.attention, layer.ffn
-    head_dim = sa.attention_head_size
-    q = _linear(sa.q_lin, hidden).view(total, -1, head_dim)
-    k = _linear(sa.k_lin, hidden).view(total, -1, head_dim)
-    v = _linear(sa.v_lin, hidden).view(total, -1, head_dim)
-    out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
-    attended = _linear(sa.out_lin, out.reshape(1, total, -1).contiguous())
+    attended = _linear(sa.out_lin, _attend(sa, (sa.q_lin, sa.k_lin, sa.v_lin), hidden, total, attend))
     x = _layer_norm(layer.sa_layer_norm, attended + hidden)
     y = _dropout(ffn.dropout, _linear(ffn.lin2, ffn.activation(_linear(ffn.lin1, x))))
     return _layer_norm(layer.output_layer_norm, y + x)
