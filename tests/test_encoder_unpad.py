@@ -565,7 +565,8 @@ def test_trainer_short_run_matches_eager(tmp_path, monkeypatch):
 
 def test_peft_lora_gradients_pass_the_rule(monkeypatch):
     """PEFT LoRA (r=4 on query/value, non-zero B) patched after ``get_peft_model``: the report names the
-    wrapped model's encoder, and every LoRA gradient passes the rule (float64 oracle, eager reference)."""
+    wrapped model's encoder, the lean layers run (LoRA wraps leaves), and every LoRA gradient passes the
+    rule (float64 oracle, eager reference)."""
     peft = pytest.importorskip("peft")
     base = _model("bert").train()
 
@@ -581,8 +582,10 @@ def test_peft_lora_gradients_pass_the_rule(monkeypatch):
     oracle.base_model.model.set_attn_implementation("sdpa")
     ids, mask = _batch()
     calls = spy_on(monkeypatch, hf_interface)
+    runs = _lean_runs(monkeypatch)
     got = _grads(ours, ids, mask)
     _assert_unpadded(calls, mask)
+    assert runs == [LAYERS], "LoRA layers are leaves: the lean runner calls them as modules"
     want, exact = _grads(eager, ids, mask), _grads(oracle, ids, mask)
     assert got.keys() == want.keys() and all("lora_" in n for n in got)
     for n in want:
