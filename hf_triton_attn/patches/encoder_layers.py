@@ -8,7 +8,7 @@ hosts (benchmarks/NOTES.md, sessions 14-15): six nested module calls with keywor
 and checks. The leaves (the Linear, LayerNorm, Dropout and activation modules) are what does the work.
 
 What. ``lean_layers(encoder, key, flash_attention)`` gives a runner when the encoder is one of the
-families in ``FAMILIES``, else the reason (the adapter then calls the encoder's own forward on the
+families in ``FAMILIES``, else None (the adapter then calls the encoder's own forward on the
 packed tokens, as before). The runner does exactly what transformers' encoder forward and the layer's
 composite modules (``{Bert}Layer`` -> ``{Bert}Attention`` -> ``{Bert}SelfAttention`` /
 ``{Bert}SelfOutput`` -> ``{Bert}Intermediate`` -> ``{Bert}Output``; DistilBERT's ``TransformerBlock``
@@ -330,14 +330,12 @@ class _Runner:
         return self.structure.output_class(last_hidden_state=hidden)
 
 
-def lean_layers(encoder: torch.nn.Module, key: tuple, flash_attention: Callable) -> tuple[_Runner | None, str | None]:
-    """(runner, None) when the encoder's layers may run as one function for this forward, else (None,
-    the reason). ``key``: the encoder adapter's module-tree key (changes whenever the tree may have);
-    ``flash_attention``: the attention function (looked up by the caller on every forward)."""
+def lean_layers(encoder: torch.nn.Module, key: tuple, flash_attention: Callable) -> _Runner | None:
+    """A runner when the encoder's layers may run as one function for this forward, else None (the
+    structure's or the call's reason, a string, is kept internally: ``_cached_structure`` /
+    ``_call_reason``). ``key``: the encoder adapter's module-tree key (changes whenever the tree may
+    have); ``flash_attention``: the attention function (looked up by the caller on every forward)."""
     found = _cached_structure(encoder, key)
-    if isinstance(found, str):
-        return None, found
-    reason = _call_reason(found)
-    if reason is not None:
-        return None, reason
-    return _Runner(found, flash_attention), None
+    if isinstance(found, str) or _call_reason(found) is not None:
+        return None
+    return _Runner(found, flash_attention)

@@ -411,7 +411,7 @@ def unpadded_forward(encoder: torch.nn.Module, original, *args, **kwargs):
     packed = plan.unpad(hidden)
     # transformers' layers where they collect outputs (output_hidden_states), else the lean runner
     runner = None if collected else encoder_layers.lean_layers(
-        encoder, _tree_key(encoder), _hf_interface().flash_attention)[0]
+        encoder, _tree_key(encoder), _hf_interface().flash_attention)
     if runner is not None:
         out = runner(packed, plan.cu_seqlens, plan.max_seqlen)
     else:
