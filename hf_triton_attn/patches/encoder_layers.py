@@ -56,7 +56,7 @@ class _Family(NamedTuple):
     prefix: str  # the family's class-name prefix, replaced by ``Bert`` in fingerprints ("" for none)
     composites: tuple[tuple[str, str], ...]  # (attribute path from the layer, class name); "" = the layer
     output_class: str  # what the encoder's forward returns
-    layer: Callable  # the layer function: (layer, hidden (1, T, E), T, attend) -> (1, T, E)
+    layer: Callable  # the layer function: (layer, hidden [T, E], T, attend) -> [T, E]
 
 
 def _bert_family(prefix: str) -> _Family:
@@ -78,6 +78,7 @@ _KNOWN_SOURCES = frozenset({
     "5e97f09786850d63",  # DistilBERT, transformers 5.17.0 and 5.24.0
 })
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
+_ACTIVATIONS = "transformers.activations"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,45 +252,62 @@ def _plain(m: torch.nn.Module) -> bool:
                 or "forward" in m.__dict__ or m._compiled_call_impl is not None)
 
 
+# The runner works on [T, E] rows: a linear layer on [1, T, E] is a view, the same addmm and a view
+# back (aten::linear's flatten path for contiguous 3-D input), so the rows give bitwise the same values
+# with two view ops and two ViewBackward nodes less per linear layer (12 per BERT layer). Leaves called
+# as modules still get transformers' [1, T, E] (their hooks see what transformers' layers give them).
+
+def _as_module_call(m: Callable, x: torch.Tensor) -> torch.Tensor:
+    return m(x.unsqueeze(0)).squeeze(0)
+
+
 def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(m) is _Linear and _plain(m):
         return F.linear(x, m.weight, m.bias)  # nn.Linear.forward
-    return m(x)
+    return _as_module_call(m, x)
 
 
 def _layer_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(m) is _LayerNorm and _plain(m):
         return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)  # nn.LayerNorm.forward
-    return m(x)
+    return _as_module_call(m, x)
 
 
 def _dropout(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(m) is _Dropout and _plain(m):
         # nn.Dropout.forward; in eval F.dropout returns its input, so the call is skipped
         return F.dropout(x, m.p, True, m.inplace) if m.training else x
-    return m(x)
+    return _as_module_call(m, x)
+
+
+def _activation(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """transformers' own activation modules (``ACT2FN``: elementwise) take the rows; anything else
+    (a user's callable, a hooked module) gets transformers' [1, T, E]."""
+    if isinstance(fn, torch.nn.Module) and type(fn).__module__ == _ACTIVATIONS and _plain(fn):
+        return fn(x)
+    return _as_module_call(fn, x)
 
 
 def _attend(sa: torch.nn.Module, projections: tuple, hidden: torch.Tensor, total: int,
             attend: Callable) -> torch.Tensor:
-    """The self-attention module ``sa``'s q / k / v ``projections`` of ``hidden`` (1, T, E), attended:
-    (1, T, E) before any output projection, as transformers' self-attention forward returns it."""
+    """The self-attention module ``sa``'s q / k / v ``projections`` of ``hidden`` [T, E], attended:
+    [T, E] before any output projection, as transformers' self-attention forward returns it."""
     head_dim = sa.attention_head_size
     # [T, H, D] views of the projections: the layout hf_interface._packed gives the kernel
     q, k, v = (_linear(p, hidden).view(total, -1, head_dim) for p in projections)
     out = attend(q, k, v, sa.scaling, sa.dropout.p if sa.training else 0.0)
-    # [1, T, E], as transformers' reshape + contiguous (a view of the kernel's contiguous [T, H, D] output)
-    return out.reshape(1, total, -1).contiguous()
+    # [T, E]: transformers' reshape + contiguous, a view of the kernel's contiguous [T, H, D] output
+    return out.reshape(total, -1).contiguous()
 
 
 def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, attend: Callable) -> torch.Tensor:
-    """transformers' {Bert}Layer on packed self-attention: (1, T, E) -> (1, T, E), the same leaf ops in
+    """transformers' {Bert}Layer on packed self-attention: [T, E] rows -> [T, E], the same leaf ops in
     the same order (so the same dropout draws)."""
     attention, feed_in, feed_out = layer.attention, layer.intermediate, layer.output
     sa, so = attention.self, attention.output
     attended = _attend(sa, (sa.query, sa.key, sa.value), hidden, total, attend)
     x = _layer_norm(so.LayerNorm, _dropout(so.dropout, _linear(so.dense, attended)) + hidden)
-    y = _linear(feed_out.dense, feed_in.intermediate_act_fn(_linear(feed_in.dense, x)))
+    y = _linear(feed_out.dense, _activation(feed_in.intermediate_act_fn, _linear(feed_in.dense, x)))
     return _layer_norm(feed_out.LayerNorm, _dropout(feed_out.dropout, y) + x)
 
 
@@ -298,7 +316,7 @@ def _distilbert_layer(layer: torch.nn.Module, hidden: torch.Tensor, total: int, 
     sa, ffn = layer.attention, layer.ffn
     attended = _linear(sa.out_lin, _attend(sa, (sa.q_lin, sa.k_lin, sa.v_lin), hidden, total, attend))
     x = _layer_norm(layer.sa_layer_norm, attended + hidden)
-    y = _dropout(ffn.dropout, _linear(ffn.lin2, ffn.activation(_linear(ffn.lin1, x))))
+    y = _dropout(ffn.dropout, _linear(ffn.lin2, _activation(ffn.activation, _linear(ffn.lin1, x))))
     return _layer_norm(layer.output_layer_norm, y + x)
 
 
@@ -324,10 +342,11 @@ class _Runner:
                          window_size=(-1, -1), softcap=0.0, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                          max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
 
-        hidden, total, layer_fn = packed, packed.shape[1], self.structure.family.layer
+        # [1, T, E] -> [T, E] rows (a squeeze: its backward is a view, a select's would copy)
+        hidden, total, layer_fn = packed.squeeze(0), packed.shape[1], self.structure.family.layer
         for layer in self.structure.layers:
             hidden = layer_fn(layer, hidden, total, attend)
-        return self.structure.output_class(last_hidden_state=hidden)
+        return self.structure.output_class(last_hidden_state=hidden.unsqueeze(0))
 
 
 def lean_layers(encoder: torch.nn.Module, key: tuple, flash_attention: Callable) -> _Runner | None:
