@@ -667,7 +667,7 @@ def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
     a global module hook, a layer replaced by a subclass, an unknown source fingerprint, a forward set on
     a layer instance (accelerate's hooks), gradient checkpointing in training, and output_hidden_states
     (collected by hooks on the layers). A hook or an instance forward on a leaf module keeps the lean
-    runner, and its effect: the same output as transformers' layers with it."""
+    runner, and its effect: the same output as transformers' layers with it, the same [1, T, E] input."""
     _, _, ours = _trio("bert")
     ours.eval()
     ids, mask = _batch()
@@ -725,7 +725,13 @@ def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
 
     # a leaf hook (scales the query projection): lean and transformers' layers apply it alike
     query = ours.encoder.layer[0].attention.self.query
-    leaf = query.register_forward_hook(lambda m, a, o: o * 1.5)
+    seen: list = []
+
+    def scale(m, args, out):
+        seen.append(tuple(args[0].shape))
+        return out * 1.5
+
+    leaf = query.register_forward_hook(scale)
     runs.clear()
     with torch.no_grad():
         lean = _hidden(ours, ids, mask)
@@ -735,6 +741,8 @@ def test_lean_layers_step_aside_where_the_composites_matter(monkeypatch):
     handle.remove()
     leaf.remove()
     assert torch.equal(lean, layers) and not torch.equal(lean, want)
+    total = int(mask.sum())
+    assert seen == [(1, total, ours.config.hidden_size)] * 2, "a hooked leaf sees transformers' [1, T, E]"
     # an instance-level forward on a leaf (accelerate) is honoured: the leaf is called as a module
     query.forward = lambda x: torch.nn.Linear.forward(query, x) * 1.5
     runs.clear()
