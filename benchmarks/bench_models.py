@@ -222,14 +222,30 @@ def _bert_inputs(args, device):
     return ids, mask, lengths
 
 
-def task_bert_infer(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    ids, mask, lengths = _bert_inputs(args, device)
-    model = build("bert", impl, args.quick, device, dtype).eval()
-
+def bert_infer_call(model, ids, mask) -> Callable[[], torch.Tensor]:
+    """The timed call of ``bert_infer`` (also bert_lean_ab's): one no-grad forward of ``model``."""
     @torch.no_grad()
     def infer():
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return infer
 
+
+def bert_finetune_step(model, ids, mask, labels, device: str) -> Callable[[], None]:
+    """The timed step of ``bert_finetune`` (also the BERT profile's and bert_lean_ab's): forward with
+    labels, backward, a fused AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+
+    def step():
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def task_bert_infer(impl: str, args, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    ids, mask, lengths = _bert_inputs(args, device)
+    model = build("bert", impl, args.quick, device, dtype).eval()
+    infer = bert_infer_call(model, ids, mask)
     ms, samples = time_ms(infer, device, warmup=3, iters=args.iters * 2)
     rec = dict(ms=ms, samples=samples, batch=ids.shape[0], seqlen=ids.shape[1],
                mean_length=float(lengths.float().mean()), fill=float(lengths.float().mean()) / ids.shape[1],
@@ -241,14 +257,7 @@ def task_bert_finetune(impl: str, args, device: str, dtype: torch.dtype) -> dict
     ids, mask, lengths = _bert_inputs(args, device)
     labels = (torch.arange(ids.shape[0], device=device) % 2)
     model = build("bert_cls", impl, args.quick, device, dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-
-    def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = bert_finetune_step(model, ids, mask, labels, device)
     ms, samples = time_ms(step, device, warmup=3, iters=args.iters)
     rec = dict(ms=ms, samples=samples, batch=ids.shape[0], seqlen=ids.shape[1],
                mean_length=float(lengths.float().mean()), **peak_memory(device, step))
@@ -293,12 +302,7 @@ def _profile_bert_impl(impl: str, ids, mask, labels, args, device: str, dtype: t
     from torch.profiler import ProfilerActivity, profile
 
     model = build("bert_cls", impl, args.quick, device, dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-
-    def step():
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = bert_finetune_step(model, ids, mask, labels, device)
 
     @torch.no_grad()
     def infer():

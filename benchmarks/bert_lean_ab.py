@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import _bert_inputs, build  # noqa: E402
+from benchmarks.bench_models import _bert_inputs, bert_finetune_step, bert_infer_call, build  # noqa: E402
 from benchmarks.common import collect_meta, meta_title  # noqa: E402
 
 
@@ -46,21 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.arange(ids.shape[0], device=device) % 2
 
     def runner(model):
-        if not args.train:
-            model.eval()
-
-            @torch.no_grad()
-            def infer():
-                model(input_ids=ids, attention_mask=mask)
-            return infer
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-
-        def step():
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        if args.train:
+            return bert_finetune_step(model.train(), ids, mask, labels, device)
+        return bert_infer_call(model.eval(), ids, mask)
 
     encoder = ours.bert.encoder if args.train else ours.encoder
     composite = encoder.layer[0].attention

@@ -7,17 +7,18 @@ hosts (benchmarks/NOTES.md, sessions 14-15): six nested module calls with keywor
 ``apply_chunking_to_forward``'s ``inspect.signature`` on every layer, the attention interface's lookup
 and checks. The leaves (the Linear, LayerNorm, Dropout and activation modules) are what does the work.
 
-What. ``lean_layers(encoder, key, flash_attention)`` gives a runner when the encoder is one of the
+What. ``lean_layers(encoder, key, packed_attention)`` gives a runner when the encoder is one of the
 families in ``FAMILIES``, else None (the adapter then calls the encoder's own forward on the
 packed tokens, as before). The runner does exactly what transformers' encoder forward and the layer's
 composite modules (``{Bert}Layer`` -> ``{Bert}Attention`` -> ``{Bert}SelfAttention`` /
 ``{Bert}SelfOutput`` -> ``{Bert}Intermediate`` -> ``{Bert}Output``; DistilBERT's ``TransformerBlock``
 -> ``DistilBertSelfAttention`` / ``FFN``) do on packed self-attention: the same leaf ops in the same
 order (so the same dropout draws from torch's generator: outputs and gradients are bitwise those of
-transformers' layers, in eval and in train mode), and the attention as the same ``flash_attention``
-call that ``hf_interface.attention_forward`` makes. A leaf that is exactly ``nn.Linear`` /
-``nn.LayerNorm`` / ``nn.Dropout`` without hooks of its own runs as its forward's functional op; any
-other leaf (PEFT's LoRA layers, a quantized linear, a hooked leaf, the activation) is called as a module.
+transformers' layers, in eval and in train mode), and the attention through
+``hf_interface.packed_attention``, the call ``hf_interface.attention_forward`` makes. A leaf that is
+exactly ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Dropout`` without hooks of its own runs as its
+forward's functional op; any other leaf (PEFT's LoRA layers, a quantized linear, a hooked leaf, the
+activation) is called as a module.
 
 When. Only where skipping the composite modules changes nothing:
 - the sources of the encoder class and of its composite classes are, up to formatting, comments,
@@ -77,7 +78,8 @@ _KNOWN_SOURCES = frozenset({
     "ccf4c9977461f620",  # BERT-style, transformers 5.24.0
     "5e97f09786850d63",  # DistilBERT, transformers 5.17.0 and 5.24.0
 })
-_CAPTURE_MODULE = "transformers.utils.output_capturing"
+# transformers' output capturing (output_hidden_states): its hooks here, its collector in encoder_unpad
+CAPTURE_MODULE = "transformers.utils.output_capturing"
 _ACTIVATIONS = "transformers.activations"
 
 
@@ -200,7 +202,7 @@ def _cached_structure(encoder: torch.nn.Module, key: tuple) -> _Structure | str:
 def _is_idle_capture_hook(hook) -> bool:
     """transformers' output-capturing hook, a no-op while its collector collects nothing (the
     adapter sends a forward that collects to transformers' layers)."""
-    return getattr(hook, "__module__", None) == _CAPTURE_MODULE and \
+    return getattr(hook, "__module__", None) == CAPTURE_MODULE and \
         getattr(hook, "__name__", None) == "output_capturing_hook"
 
 
@@ -330,17 +332,16 @@ FAMILIES["Transformer"] = _Family(  # DistilBERT
 class _Runner:
     """Runs the checked layers on the packed tokens of one forward."""
 
-    def __init__(self, structure: _Structure, flash_attention: Callable) -> None:
-        self.structure, self.flash_attention = structure, flash_attention
+    def __init__(self, structure: _Structure, packed_attention: Callable) -> None:
+        self.structure, self.packed_attention = structure, packed_attention
 
     def __call__(self, packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
-        flash = self.flash_attention
+        attention = self.packed_attention
 
         def attend(q, k, v, scaling, dropout):
-            # hf_interface.attention_forward's packed call, keyword for keyword
-            return flash(q, k, v, causal=False, softmax_scale=scaling, dropout_p=float(dropout),
-                         window_size=(-1, -1), softcap=0.0, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+            # hf_interface.attention_forward's packed call for a bidirectional module without window or softcap
+            return attention(q, k, v, False, scaling, float(dropout), (-1, -1), 0.0, cu_seqlens, cu_seqlens,
+                             max_seqlen, max_seqlen)
 
         # [1, T, E] -> [T, E] rows (a squeeze: its backward is a view, a select's would copy)
         hidden, total, layer_fn = packed.squeeze(0), packed.shape[1], self.structure.family.layer
@@ -349,12 +350,12 @@ class _Runner:
         return self.structure.output_class(last_hidden_state=hidden.unsqueeze(0))
 
 
-def lean_layers(encoder: torch.nn.Module, key: tuple, flash_attention: Callable) -> _Runner | None:
+def lean_layers(encoder: torch.nn.Module, key: tuple, packed_attention: Callable) -> _Runner | None:
     """A runner when the encoder's layers may run as one function for this forward, else None (the
     structure's or the call's reason, a string, is kept internally: ``_cached_structure`` /
     ``_call_reason``). ``key``: the encoder adapter's module-tree key (changes whenever the tree may
-    have); ``flash_attention``: the attention function (looked up by the caller on every forward)."""
+    have); ``packed_attention``: ``hf_interface.packed_attention``, the interface's own varlen call."""
     found = _cached_structure(encoder, key)
     if isinstance(found, str) or _call_reason(found) is not None:
         return None
-    return _Runner(found, flash_attention)
+    return _Runner(found, packed_attention)

@@ -279,7 +279,7 @@ def _active_capture():
 
     The layers' forward hooks append their (here: packed) outputs to it, so the adapter re-pads
     what they appended. Looked up in ``sys.modules``: the model's forward already imported it."""
-    capturing = sys.modules.get("transformers.utils.output_capturing")
+    capturing = sys.modules.get(encoder_layers.CAPTURE_MODULE)
     collector = getattr(capturing, "_active_collector", None)
     if collector is None or not callable(getattr(collector, "get", None)):
         return _UNKNOWN
@@ -411,7 +411,7 @@ def unpadded_forward(encoder: torch.nn.Module, original, *args, **kwargs):
     packed = plan.unpad(hidden)
     # transformers' layers where they collect outputs (output_hidden_states), else the lean runner
     runner = None if collected else encoder_layers.lean_layers(
-        encoder, _tree_key(encoder), _hf_interface().flash_attention)
+        encoder, _tree_key(encoder), _hf_interface().packed_attention)
     if runner is not None:
         out = runner(packed, plan.cu_seqlens, plan.max_seqlen)
     else:

@@ -268,6 +268,17 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype is torch.int32 else t.to(torch.int32)
 
 
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scaling: float | None,
+                     dropout: float, window: tuple[int, int], softcap: float, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
+    """The kernel's varlen call on packed (T, H, D) q / k / v: ``attention_forward``'s padding-free
+    branch and the encoder adapter's lean layers (``encoder_layers.py``) both make it here, so both run
+    the same kernel call. Keywords spelled out (a dict unpacked costs ~0.45 us per call)."""
+    return flash_attention(q, k, v, causal=causal, softmax_scale=scaling, dropout_p=dropout, window_size=window,
+                           softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       sliding_window: int | None = None, softcap: float | None = None,
@@ -291,11 +302,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # Padding-free batch (DataCollatorWithFlattening, or encoder_unpad's packed layers): q is
         # (1, H, total, D); views, no copies. cu_seq_lens converted only when not int32 already and
         # the keywords spelled out: 30.3 -> 27.0 us per call (2-core CPU box, launches stubbed).
-        out = flash_attention(
-            _packed(query), _packed(key), _packed(value), causal=causal, softmax_scale=scaling, dropout_p=dropout,
-            window_size=window, softcap=softcap,
-            cu_seqlens_q=_int32(cu_q), cu_seqlens_k=_int32(kwargs["cu_seq_lens_k"]),
-            max_seqlen_q=int(kwargs["max_length_q"]), max_seqlen_k=int(kwargs["max_length_k"]))
+        out = packed_attention(_packed(query), _packed(key), _packed(value), causal, scaling, dropout, window,
+                               softcap, _int32(cu_q), _int32(kwargs["cu_seq_lens_k"]), int(kwargs["max_length_q"]),
+                               int(kwargs["max_length_k"]))
         return out.unsqueeze(0), None
     if attention_mask is not None and attention_mask.dim() == 3:
         # Packed position_ids without cu_seq_lens: sequence ids per token, dense layout.
