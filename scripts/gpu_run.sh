@@ -5,8 +5,9 @@
 #   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
 #
 # TEST_PATHS (default tests) limits the GPU test stage; TEST_STAGES (default "small large") picks its
-# two halves: on a fresh machine (cold Triton cache, H100) "small" took ~7 min with the fuzz unsharded
-# and "large" over 6 min, so a 10-minute device call fits one of them (session 17); FUZZ_TIMEOUT (seconds, default none) stops the
+# two halves: on a fresh machine (cold Triton cache, H100, session 17) "small" took 7 min on 16 workers
+# with the fuzz unsharded (the fuzz alone in 16 shards: 3.6 min on an H200) and "large" over 6 min, so a
+# 10-minute device call fits one of them; FUZZ_TIMEOUT (seconds, default none) stops the
 # fuzz at a deadline (the cases logged so far still count). Compiled kernels go to TRITON_CACHE_DIR
 # (default ./.triton_cache, git-ignored), so a second call on the same machine skips most compiling.
 # OUT (default ./gpu_out) receives gpu_tests.log, fuzz.log, host_overhead.json, bench.log,
