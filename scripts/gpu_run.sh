@@ -69,26 +69,32 @@ if [ "${TESTS:-1}" = "1" ]; then
     # one shard per worker: as one test it took 333 s of a 420 s stage on 16 workers (H100, cold
     # Triton cache, 2026-11-27), the rest of the stage waiting on it.
     stages=" ${TEST_STAGES:-small large} "
+    for stage in $stages; do
+        case "$stage" in
+            small | large) ;;
+            *) echo "TEST_STAGES: expected words 'small' and/or 'large', got '${TEST_STAGES}'" >&2; exit 2 ;;
+        esac
+    done
     : > "$OUT/gpu_tests.log"
+    stage_done() {  # $1 = stage name, $2 = pytest's exit status; 5 (nothing collected) counts as passed
+        reap
+        tail -1 "$OUT/gpu_tests.log"; grep -E "^FAILED" "$OUT/gpu_tests.log" | cut -c1-300 | head
+        if [ "$2" -eq 5 ]; then
+            echo "(stage $1: no tests collected)"
+        elif [ "$tests_rc" -eq 0 ]; then
+            tests_rc=$2
+        fi
+    }
     if [[ "$stages" == *" small "* ]]; then
         HF_TRITON_ATTN_FUZZ_SHARDS="${TEST_WORKERS:-8}" \
         python -m pytest ${TEST_PATHS:-tests} -m "not gpu" -q -rf -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
             ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
-        tests_rc=$?
-        reap
-        tail -1 "$OUT/gpu_tests.log"; grep -E "^FAILED" "$OUT/gpu_tests.log" | cut -c1-300 | head
+        stage_done small $?
     fi
     if [[ "$stages" == *" large "* ]]; then
         python -m pytest ${TEST_PATHS:-tests} -m gpu -q -rf -p no:cacheprovider ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
-        rc2=$?
-        reap
-        tail -1 "$OUT/gpu_tests.log"; grep -E "^FAILED" "$OUT/gpu_tests.log" | cut -c1-300 | head
-        [ "$tests_rc" -eq 0 ] && tests_rc=$rc2
+        stage_done large $?
     fi
-fi
-if [ "$tests_rc" -eq 5 ]; then
-    echo "(no GPU tests collected)"
-    tests_rc=0
 fi
 
 if [ "${FUZZ:-0}" = "1" ]; then
