@@ -27,14 +27,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # a leftover interpreter switch would turn every GPU number into a CPU one
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
 
+# Every process this script starts carries this token in its environment, xdist workers too (they
+# inherit it even after a timed-out pytest leaves them to init), so reap kills only this run's
+# leftovers. A plain `pgrep -f pytest` also killed unrelated runs: a caller whose command line said
+# "pytest" (a device call that ran a test before this script), and on the CPU box a CI run beside a
+# local try of this script (session 17).
+export HF_TRITON_ATTN_GPU_RUN="$$.$RANDOM"
+
 reap() {  # xdist workers outlive a timed-out pytest and would skew every later timing
-    # Never this script or its callers: a caller whose command line says "pytest" (a device call that
-    # ran a test before this script) was killed by a plain `pkill -f pytest`, leaving this script to
-    # run on in the background beside the next call's benchmark.
-    local keep=" " p=$$ pid
-    while [ -n "$p" ] && [ "$p" -gt 1 ]; do keep="$keep$p "; p=$(ps -o ppid= -p "$p" | tr -d ' '); done
+    local pid
     for pid in $(pgrep -f "pytest|execnet"); do
-        case "$keep" in *" $pid "*) ;; *) kill -9 "$pid" 2>/dev/null ;; esac
+        [ "$pid" = "$$" ] && continue
+        if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "HF_TRITON_ATTN_GPU_RUN=$HF_TRITON_ATTN_GPU_RUN"; then
+            kill -9 "$pid" 2>/dev/null
+        fi
     done
     true
 }
