@@ -69,7 +69,6 @@ echo "== tests on the GPU (the whole suite compiled, plus the gpu-marked large/b
 export HF_TRITON_ATTN_TEST_DEVICE=cuda
 tests_rc=0
 if [ "${TESTS:-1}" = "1" ]; then
-    # shellcheck disable=SC2086
     # small tests in parallel (compilation is the cost), then the large gpu-marked ones alone. The
     # suite's fuzz test (100 random cases, each a new kernel specialisation to compile) is split into
     # one shard per worker: as one test it took 333 s of a 420 s stage on 16 workers (H100, cold
@@ -91,12 +90,14 @@ if [ "${TESTS:-1}" = "1" ]; then
             tests_rc=$2
         fi
     }
+    # shellcheck disable=SC2086  # TEST_PATHS / TEST_ARGS are lists of words on purpose
     if [[ "$stages" == *" small "* ]]; then
         HF_TRITON_ATTN_FUZZ_SHARDS="${TEST_WORKERS:-8}" \
         python -m pytest ${TEST_PATHS:-tests} -m "not gpu" -q -rf -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
             ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
         stage_done small $?
     fi
+    # shellcheck disable=SC2086
     if [[ "$stages" == *" large "* ]]; then
         python -m pytest ${TEST_PATHS:-tests} -m gpu -q -rf -p no:cacheprovider ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
         stage_done large $?
