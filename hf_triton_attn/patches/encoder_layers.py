@@ -206,14 +206,26 @@ def _is_idle_capture_hook(hook) -> bool:
         getattr(hook, "__name__", None) == "output_capturing_hook"
 
 
+def _call_changed(m: torch.nn.Module) -> bool:
+    """Whether calling ``m`` does more than its class's forward, forward hooks aside: a pre- or
+    backward hook, a forward set on the instance (accelerate's device-placement hooks wrap
+    ``module.forward``), ``module.compile()``."""
+    return bool(m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in m.__dict__
+                or m._compiled_call_impl is not None)
+
+
 def _hooked(m: torch.nn.Module) -> bool:
-    """Whether calling ``m`` does more than its class's forward: hooks, a forward set on the instance
-    (accelerate's device-placement hooks wrap ``module.forward``), ``module.compile()``."""
-    if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in m.__dict__ \
-            or m._compiled_call_impl is not None:
+    """A composite module whose call does more than its class's forward (transformers' idle
+    output-capturing hooks aside)."""
+    if _call_changed(m):
         return True
     hooks = m._forward_hooks
     return bool(hooks) and not all(_is_idle_capture_hook(h) for h in hooks.values())
+
+
+def _plain(m: torch.nn.Module) -> bool:
+    """A leaf whose call is exactly its class's forward (the global hooks were checked for this forward)."""
+    return not (m._forward_hooks or _call_changed(m))
 
 
 def _global_hooks() -> bool:
@@ -245,13 +257,6 @@ def _call_reason(structure: _Structure) -> str | None:
 # (the module call's hook dispatch skipped); anything else (a subclass, PEFT's LoRA layer, a quantized
 # linear, a hooked leaf) is called as a module.
 _Linear, _LayerNorm, _Dropout = torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Dropout
-
-
-def _plain(m: torch.nn.Module) -> bool:
-    """Calling ``m`` is its class's forward: no hook of its own (the global ones were checked for this
-    forward), no forward set on the instance (accelerate), not compiled."""
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__ or m._compiled_call_impl is not None)
 
 
 # The runner works on [T, E] rows: a linear layer on [1, T, E] is a view, the same addmm and a view
