@@ -28,20 +28,49 @@ EXTENT_CHUNK = tl.constexpr(1024)
 INLINE_PTX = tl.constexpr(not INTERPRETED)
 
 
+# The causal forward's launch order (``program_tile``): heads per group chosen so a group is about
+# TILE_GROUP_PROGRAMS programs (two waves of a 132-SM H100 at 2-3 programs per SM), used from
+# TILE_GROUP_MIN_BLOCKS query blocks per head. The interpreter's tests launch 2-4 blocks per head:
+# its values give them several groups of a few heads, the last one smaller.
+TILE_GROUP_PROGRAMS = tl.constexpr(8 if INTERPRETED else 512)
+TILE_GROUP_MIN_BLOCKS = tl.constexpr(2 if INTERPRETED else 64)
+
+
 @triton.jit
-def program_tile(seqlen, BLOCK: tl.constexpr):
+def program_tile(seqlen, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr = False):
     """(first row, b*H + h) of this program's tile on the 1-D grid of ``cdiv(seqlen, BLOCK) * B*H``
     programs (``launch.tile_grid``).
 
     One grid axis because CUDA caps grid y at 65535 and B*H passes that (MiniLM's 12 heads at a batch
-    of 5462 sequences). The tiles of one head are adjacent, so the programs that share its K/V run
-    together and read it from L2. Numbering a head's causal query blocks longest first instead
-    measured within noise (H200, 2026-11-26: fwd 0.96-1.02x, fwd+bwd 0.99-1.00x at S 1024/4096).
+    of 5462 sequences). By default head-major, blocks ascending: the tiles of one head are adjacent,
+    so the programs that share its K/V run together and read it from L2.
+
+    ``LONGEST_FIRST`` (the causal forward, where query block i sees i + 1 key blocks), from
+    ``TILE_GROUP_MIN_BLOCKS`` blocks per head on: the longest tiles first, in groups of
+    G = cdiv(TILE_GROUP_PROGRAMS, blocks) heads, block-major inside a group (every head's last
+    block, then every head's second to last, ...), so the grid ends on short tiles instead of the
+    last head's long ones while a group's heads still share their K/V in L2. H100 bf16, causal
+    forward, 3 alternating rounds, median (results/2026-11-28_h100_session18_run3_ab_causal_order_fwd.log):
+    S = 8192 D = 128 1.260 -> 1.187 ms (-5.8%), S = 16384 D = 64 2.790 -> 2.703 (-3.1%), D = 128 2.405 ->
+    2.328 (-3.2%); S = 4096 and S = 8192 D = 64 within 1%. Below the threshold the order is unchanged:
+    applied at S = 1024 (G = 32) it made D = 128 7% slower (0.197-0.201 -> 0.211-0.213 ms), and in the
+    backward kernels it gained nothing (causal fwd+bwd -1.7% to +2.5%; ..._session18_run2_ab_causal_order.log).
     """
     num_blocks = tl.cdiv(seqlen, BLOCK)
     pid = tl.program_id(0)
     bh = pid // num_blocks
-    return (pid - bh * num_blocks) * BLOCK, bh
+    block = pid - bh * num_blocks
+    if LONGEST_FIRST:
+        if num_blocks >= TILE_GROUP_MIN_BLOCKS:
+            num_bh = tl.num_programs(0) // num_blocks
+            group = tl.minimum(tl.cdiv(TILE_GROUP_PROGRAMS, num_blocks), num_bh)  # heads per group
+            first_bh = pid // (group * num_blocks) * group
+            heads = tl.minimum(group, num_bh - first_bh)  # the last group may be smaller
+            within = pid - first_bh * num_blocks  # [0, heads * num_blocks), rank-major in the group
+            rank = within // heads
+            bh = first_bh + within - rank * heads
+            block = num_blocks - 1 - rank
+    return block * BLOCK, bh
 
 
 @triton.jit

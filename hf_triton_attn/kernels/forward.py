@@ -157,7 +157,7 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, FUSED_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m, bh = program_tile(seqlen_q, BLOCK_M)
+    start_m, bh = program_tile(seqlen_q, BLOCK_M, HAS_RIGHT)  # causal: longest query blocks first at long S
     b = bh // num_heads
     h = bh % num_heads
     h_kv = h // kv_group
