@@ -1,10 +1,11 @@
 """Prototype (not the package's kernel): a backward that computes dQ in the dK/dV kernel, in
-FlashAttention-3's orientation, for the D = 128 case where the package's split backward runs 7
-matmuls per tile (dk/dv: S, dP, dV, dK; dq: S, dP, dQ) against 5 for a fused one.
+FlashAttention-3's orientation. At D = 128 the package's split backward runs 7 matmuls per tile
+(dk/dv: S, dP, dV, dK; dq: S, dP, dQ) against 5 for a fused one; at D = 64 its fused backward is
+query-major and stages P and dS through shared memory to transpose them.
 
 Per program: one (batch, head) and BLOCK_N keys; it streams query blocks of BLOCK_M rows:
 
-    S^T  = K Q^T               [BLOCK_N, BLOCK_M]   (K from registers)
+    S^T  = K Q^T               [BLOCK_N, BLOCK_M]   (K the A operand, loaded once)
     P^T  = exp2(S^T * c - lse2)
     dV  += P^T dO              [BLOCK_N, D]         (P^T: register A operand)
     dP^T = V dO^T              [BLOCK_N, BLOCK_M]
@@ -12,7 +13,8 @@ Per program: one (batch, head) and BLOCK_N keys; it streams query blocks of BLOC
     dK  += dS^T Q              [BLOCK_N, D]
     dQ  += (dS^T)^T K          [BLOCK_M, D]         fp32, one TMA reduce-add per tile
 
-Dense (B, H, S, D) 16-bit tensors (any strides), no masks, no dropout; causal or not. Only for measuring
+Dense (B, H, S, D) 16-bit tensors (any strides with unit stride along D), S a multiple of the blocks, no
+GQA, no masks, no dropout; causal or not. Only for measuring
 whether the two saved matmuls outweigh the dQ reductions and register pressure in Triton 3.6 (sm_90).
 
     python -m benchmarks.proto_fused_bwd [--dim 64] [--seqlens 1024,4096] [--configs 64x64w4s3,...] [--bshd]
@@ -35,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -50,7 +52,7 @@ def _proto_bwd_steps(
         offs_m = start_m + offs_m0
         q = Q_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, HEAD_DIM])
         do = DO_DESC.load([b, h, start_m, 0]).reshape([BLOCK_M, HEAD_DIM])
-        lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634  # [BLOCK_M]
+        lse2 = tl.load(lse_base + offs_m) * LOG2E  # [BLOCK_M]
         delta = tl.load(delta_base + offs_m)  # [BLOCK_M]
         s_t = tl.dot(k, tl.trans(q))  # [BLOCK_N, BLOCK_M]
         p_t = tl.exp2(s_t * scale2 - lse2[None, :])
@@ -63,7 +65,7 @@ def _proto_bwd_steps(
         dq = tl.dot(tl.trans(ds_t), k)  # [BLOCK_M, HEAD_DIM] = dS K
         if DQ_TMA:
             DQ_DESC.atomic_add([b, h, start_m, 0], dq.reshape([1, 1, BLOCK_M, HEAD_DIM]))
-        else:  # pointer atomics (the CPU interpreter has no descriptor reduce); DQ_ACC has K's strides
+        else:  # pointer atomics (the CPU interpreter has no descriptor reduce); DQ_ACC has K's layout
             tl.atomic_add(DQ_ACC + kv_off + offs_m[:, None].to(tl.int64) * stride_kn + offs_d[None, :], dq,
                           sem="relaxed")
     return dk, dv
@@ -92,7 +94,7 @@ def _proto_bwd_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lse_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     delta_base = DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    scale2 = sm_scale * 1.4426950408889634
+    scale2 = sm_scale * LOG2E
     # Causal: query rows before start_n see none of these keys. SPLIT_CAUSAL: the diagonal blocks in a
     # masked loop of their own, the rest unmasked (as the package's kernels do); otherwise the mask is
     # applied on every block. At D = 128 the split made ptxas spill 61 registers instead of 12: causal
@@ -114,17 +116,24 @@ def _proto_bwd_kernel(
 
 def proto_backward(q, k, v, o, do, lse, causal: bool, config: tuple[int, int, int, int], dq_tma: bool = True,
                    delta: torch.Tensor | None = None, split_causal: bool = False):
-    """dq, dk, dv from the forward's o and natural-log lse [B, H, S]. q, k, v, o, do: contiguous (B, H, S, D).
+    """dq, dk, dv from the forward's o and natural-log lse [B, H, S]. q, k, v, o, do: (B, H, S, D) of one shape,
+    unit stride along D, S a multiple of both blocks of ``config`` (BLOCK_M, BLOCK_N, warps, stages).
     ``delta`` = rowsum(o * do) in fp32 if already computed (the package's delta kernel takes ~0.055 ms at
     B*S = 16384, H*D = 2048 on an H100: NOTES, session 13)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, warps, stages = config
     b, h, s, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v: the prototype needs one shape (no GQA); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if s % block_m or s % block_n:
+        raise ValueError(f"seqlen: the prototype has no bounds checks, so S must be a multiple of "
+                         f"BLOCK_M = {block_m} and BLOCK_N = {block_n}; got {s}")
     sm_scale = 1.0 / math.sqrt(d)
     if delta is None:
         delta = (o.float() * do.float()).sum(-1)  # [B, H, S]
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # contiguous (B, H, S, D)
+    dq_acc = torch.zeros_like(k, dtype=torch.float32)  # K's layout: the pointer-atomic path indexes it so
     dk, dv = torch.empty_like(k), torch.empty_like(v)
 
     def desc(t, rows):
