@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
+from hf_triton_attn.kernels.common import LOG2E
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def proto_backward(q, k, v, o, do, lse, causal: bool, config: tuple[int, int, in
                          f"BLOCK_M = {block_m} and BLOCK_N = {block_n}; got {s}")
     sm_scale = 1.0 / math.sqrt(d)
     if delta is None:
-        delta = (o.float() * do.float()).sum(-1)  # [B, H, S]
+        delta = rowsum_delta(o, do)
     dq_acc = torch.zeros_like(k, dtype=torch.float32)  # K's layout: the pointer-atomic path indexes it so
     dk, dv = torch.empty_like(k), torch.empty_like(v)
 
@@ -149,13 +149,19 @@ def proto_backward(q, k, v, o, do, lse, causal: bool, config: tuple[int, int, in
     return (dq_acc * sm_scale).to(q.dtype), dk, dv
 
 
-def parse_config(text: str) -> tuple[int, int, int, int]:
-    """'128x64w8s2' -> (BLOCK_M=64, BLOCK_N=128, 8 warps, 2 stages): keys x queries, as FA3 writes them
-    (trailing flags, ignored here: 'p' dq by pointer atomics, 'c' the causal diagonal in a loop of its own)."""
-    keys, rest = text.rstrip("pc").split("x")
+def rowsum_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(o * dO) in fp32, [B, H, S], by torch (fp32 copies: slower than the package's delta kernel)."""
+    return (o.float() * do.float()).sum(-1)
+
+
+def parse_config(text: str) -> tuple[tuple[int, int, int, int], str]:
+    """'128x64w8s2p' -> ((BLOCK_M=64, BLOCK_N=128, 8 warps, 2 stages), 'p'): keys x queries, as FA3 writes
+    them, then flags: 'p' dq by pointer atomics, 'c' the causal diagonal in a loop of its own."""
+    body = text.rstrip("pc")
+    keys, rest = body.split("x")
     queries, rest = rest.split("w")
     warps, stages = rest.split("s")
-    return int(queries), int(keys), int(warps), int(stages)
+    return (int(queries), int(keys), int(warps), int(stages)), text[len(body):]
 
 
 def time_case(seqlen: int, causal: bool, configs: list[str], dtype: torch.dtype, d: int = 128,
@@ -165,6 +171,7 @@ def time_case(seqlen: int, causal: bool, configs: list[str], dtype: torch.dtype,
 
     from triton.testing import do_bench
 
+    from benchmarks.common import attention_flops, tflops
     from hf_triton_attn import flash_attention
 
     hd = 2048 // d  # H * D = 2048
@@ -178,16 +185,17 @@ def time_case(seqlen: int, causal: bool, configs: list[str], dtype: torch.dtype,
     package_bwd = functools.partial(torch.autograd.grad, out, (qg, kg, vg), do, retain_graph=True)
     ref = package_bwd()
     base_ms = do_bench(package_bwd, warmup=20, rep=200)
-    flops = 4 * b * hd * seqlen * seqlen * d * 2.5 / (2 if causal else 1)
+    flops = (attention_flops(b, hd, seqlen, seqlen, d, causal, "fwdbwd")
+             - attention_flops(b, hd, seqlen, seqlen, d, causal, "fwd"))
     line = (f"D={d} S={seqlen:6d} B={b:2d} causal={int(causal)} package bwd {base_ms:.3f} ms "
-            f"({flops / base_ms * 1e-9:.0f} TFLOP/s) | prototype (delta given; package / prototype)")
+            f"({tflops(flops, base_ms):.0f} TFLOP/s) | prototype (delta given; package / prototype)")
     o_, lse_ = out.detach(), lse.detach()
-    delta = (o_.float() * do.float()).sum(-1)
-    line += f" [torch delta {do_bench(lambda: (o_.float() * do.float()).sum(-1), warmup=20, rep=100):.3f} ms]"
+    delta = rowsum_delta(o_, do)
+    line += f" [torch delta {do_bench(functools.partial(rowsum_delta, o_, do), warmup=20, rep=100):.3f} ms]"
     for text in configs:
-        flags = text[len(text.rstrip("pc")):]
-        call = functools.partial(proto_backward, q, k, v, o_, do, lse_, causal, parse_config(text),
-                                 "p" not in flags, delta, "c" in flags)
+        config, flags = parse_config(text)
+        call = functools.partial(proto_backward, q, k, v, o_, do, lse_, causal, config, "p" not in flags, delta,
+                                 "c" in flags)
         try:
             err = max(float((g.float() - r.float()).abs().max() / r.float().abs().max()) for g, r in zip(call(), ref))
             ms = do_bench(call, warmup=20, rep=200)

@@ -1,11 +1,10 @@
 """The prototype fused backward of benchmarks/proto_fused_bwd.py (not the package's kernel): its gradients
 match an fp32 reference in the CPU interpreter, so the timings recorded for it time a correct kernel."""
 
-import math
-
 import pytest
 import torch
 
+from hf_triton_attn.reference import attention_reference
 from tests.helpers import DEVICE, ON_GPU
 
 proto = pytest.importorskip("benchmarks.proto_fused_bwd")
@@ -13,12 +12,7 @@ proto = pytest.importorskip("benchmarks.proto_fused_bwd")
 
 def _reference(q, k, v, do, causal):
     qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
-    scores = qr @ kr.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        seqlen = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(seqlen, seqlen, dtype=torch.bool).triu(1), float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    out = torch.softmax(scores, -1) @ vr
+    out, lse = attention_reference(qr, kr, vr, causal=causal, return_lse=True)
     grads = torch.autograd.grad(out, (qr, kr, vr), do.float())
     return out.detach(), lse.detach(), grads
 
