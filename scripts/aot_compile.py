@@ -143,6 +143,7 @@ def build_cases() -> list[Case]:
         dict(sq=64, sk=1024),                           # 1024-2047 keys: the 64x64 TMA forward tile
         dict(sq=64, sk=2048),                           # >= 2048 keys: the 128x128 TMA forward tile
         dict(sq=64, sk=1024, d=128, dtype="bfloat16"),
+        dict(causal=True, d=128, dtype="bfloat16"),     # the grid's causal D=128 (its own dk/dv config)
         dict(segments=True, causal=True),               # HAS_SEGMENTS (HF packed position_ids)
         # the dq kernel where the default backward sums dq in the dk/dv kernel (configs.fuse_dq)
         dict(causal=True, deterministic=True), dict(dropout=0.1, deterministic=True),

@@ -4,19 +4,21 @@
 #
 #   OUT=/some/dir BENCH_ARGS="--quick" bash scripts/gpu_run.sh
 #
-# TEST_PATHS (default tests) limits the GPU test stage; TEST_STAGES (default "small large") picks its
-# two halves: on a fresh machine (cold Triton cache, H100, session 17) "small" took 7 min on 16 workers
-# with the fuzz unsharded (the fuzz alone in 16 shards: 3.6 min on an H200) and "large" over 6 min, so a
-# 10-minute device call fits one of them; FUZZ_TIMEOUT (seconds, default none) stops the
-# fuzz at a deadline (the cases logged so far still count). Compiled kernels go to TRITON_CACHE_DIR
-# (default ./.triton_cache, git-ignored), so a second call on the same machine skips most compiling.
-# OUT (default ./gpu_out) receives gpu_tests.log, fuzz.log, host_overhead.json, bench.log,
+# TEST_PATHS (default tests) limits the GPU test stage; TEST_STAGES (default "small large fuzz") picks its
+# parts: "small" (the suite but the fuzz and the gpu-marked tests, in parallel), "large" (the gpu-marked
+# tests, serially) and "fuzz" (tests/test_fuzz.py: FUZZ_CASES random cases, default 100, spread over
+# FUZZ_WORKERS processes with distinct seeds, each case a new kernel specialisation to compile;
+# FUZZ_TIMEOUT seconds, default none, stops it at a deadline and the cases logged so far still count).
+# One 10-minute device call fits one part: on a fresh machine "small" with the fuzz inside took 7 min
+# (H100, session 17) and over 9.8 min (H200, session 20: without the fuzz 1.5 min warm), "large" over
+# 6 min. Compiled kernels go to TRITON_CACHE_DIR (default ./.triton_cache, git-ignored), so a second
+# call on the same machine skips most compiling.
+# OUT (default ./gpu_out) receives gpu_tests.log, fuzz.log / fuzz_cases.txt, host_overhead.json, bench.log,
 # kernels.json, models.json/log and the PNGs (and sweep.json/sweep.log with SWEEP=1). TEST_ARGS /
-# FUZZ_ARGS / BENCH_ARGS / MODELS_ARGS / SWEEP_ARGS pass options on; TESTS=0 / FUZZ=0 / HOST=0 /
-# BENCH=0 / MODELS=0 skip a stage; HOST_BACKWARD=1 adds benchmarks/host_backward.py --parts; BASE=DIR
-# benchmarks an older copy of the package first, on the same machine (FUZZ defaults to 0; FUZZ_CASES sets the number of random cases,
-# spread over FUZZ_WORKERS processes with distinct seeds). On a multi-GPU host,
-# HF_TRITON_ATTN_TEST_GPUS=N spreads the test workers over N GPUs.
+# FUZZ_ARGS / BENCH_ARGS / MODELS_ARGS / SWEEP_ARGS pass options on; TESTS=0 / HOST=0 / BENCH=0 /
+# MODELS=0 skip a stage (FUZZ=1 runs the fuzz part even with TESTS=0); HOST_BACKWARD=1 adds
+# benchmarks/host_backward.py --parts; BASE=DIR benchmarks an older copy of the package first, on the
+# same machine. On a multi-GPU host, HF_TRITON_ATTN_TEST_GPUS=N spreads the test workers over N GPUs.
 # Installs nothing. Exit status: the tests' when they failed, else the benchmark's.
 set -uo pipefail
 
@@ -69,15 +71,15 @@ echo "== tests on the GPU (the whole suite compiled, plus the gpu-marked large/b
 export HF_TRITON_ATTN_TEST_DEVICE=cuda
 tests_rc=0
 if [ "${TESTS:-1}" = "1" ]; then
-    # small tests in parallel (compilation is the cost), then the large gpu-marked ones alone. The
-    # suite's fuzz test (100 random cases, each a new kernel specialisation to compile) is split into
-    # one shard per worker: as one test it took 333 s of a 420 s stage on 16 workers (H100, cold
-    # Triton cache, 2026-11-27), the rest of the stage waiting on it.
-    stages=" ${TEST_STAGES:-small large} "
+    # small tests in parallel (compilation is the cost), then the large gpu-marked ones alone, then
+    # the fuzz. The fuzz has a part of its own: in the small part, even in one shard per worker, its
+    # 100 cases kept the part running past 450 s after the other 727 tests had finished in 92 s
+    # (H200, warm Triton cache, session 20).
+    stages=" ${TEST_STAGES:-small large fuzz} "
     for stage in $stages; do
         case "$stage" in
-            small | large) ;;
-            *) echo "TEST_STAGES: expected words 'small' and/or 'large', got '${TEST_STAGES}'" >&2; exit 2 ;;
+            small | large | fuzz) ;;
+            *) echo "TEST_STAGES: expected words 'small', 'large' and/or 'fuzz', got '${TEST_STAGES}'" >&2; exit 2 ;;
         esac
     done
     : > "$OUT/gpu_tests.log"
@@ -92,9 +94,8 @@ if [ "${TESTS:-1}" = "1" ]; then
     }
     # shellcheck disable=SC2086  # TEST_PATHS / TEST_ARGS are lists of words on purpose
     if [[ "$stages" == *" small "* ]]; then
-        HF_TRITON_ATTN_FUZZ_SHARDS="${TEST_WORKERS:-8}" \
         python -m pytest ${TEST_PATHS:-tests} -m "not gpu" -q -rf -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
-            ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
+            --ignore tests/test_fuzz.py ${TEST_ARGS:-} >> "$OUT/gpu_tests.log" 2>&1
         stage_done small $?
     fi
     # shellcheck disable=SC2086
@@ -104,11 +105,11 @@ if [ "${TESTS:-1}" = "1" ]; then
     fi
 fi
 
-if [ "${FUZZ:-0}" = "1" ]; then
-    echo "== fuzz on the GPU: ${FUZZ_CASES:-2000} random cases vs the float64 reference"
+if [ "${FUZZ:-0}" = "1" ] || { [ "${TESTS:-1}" = "1" ] && [[ " ${TEST_STAGES:-small large fuzz} " == *" fuzz "* ]]; }; then
+    echo "== fuzz on the GPU: ${FUZZ_CASES:-100} random cases vs the float64 reference"
     # shellcheck disable=SC2086
     HF_TRITON_ATTN_FUZZ_LOG="$OUT/fuzz_cases.txt" \
-    HF_TRITON_ATTN_FUZZ_EXAMPLES="${FUZZ_CASES:-2000}" HF_TRITON_ATTN_FUZZ_SHARDS="${FUZZ_WORKERS:-16}" \
+    HF_TRITON_ATTN_FUZZ_EXAMPLES="${FUZZ_CASES:-100}" HF_TRITON_ATTN_FUZZ_SHARDS="${FUZZ_WORKERS:-16}" \
         timeout "${FUZZ_TIMEOUT:-0}" python -m pytest tests/test_fuzz.py -q -rf -p no:cacheprovider \
         -n "${FUZZ_WORKERS:-16}" --timeout 1200 --hypothesis-show-statistics ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>&1
     fuzz_rc=$?

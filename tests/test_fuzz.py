@@ -2,9 +2,10 @@
 against the float64 oracle, forward and all three gradients.
 
 Bounded in CI (HF_TRITON_ATTN_FUZZ_EXAMPLES, default 30 on CPU, derandomized so CI is
-reproducible; 100 in the GPU test suite). The GPU fuzz run (scripts/gpu_run.sh, FUZZ=1) asks for
-2000 cases split into HF_TRITON_ATTN_FUZZ_SHARDS parametrized shards, one per xdist worker (each
-shard explores its own random examples). A failing case is printed by hypothesis as the falsifying
+reproducible; 100 on the GPU). scripts/gpu_run.sh runs this file as a part of its own ("fuzz",
+FUZZ_CASES cases, 100 unless asked for more, e.g. 2000 for a long run), split into
+HF_TRITON_ATTN_FUZZ_SHARDS parametrized shards, one per xdist worker (each shard explores its own
+random examples). A failing case is printed by hypothesis as the falsifying
 example (its ``seed`` rebuilds the tensors) with a ``@reproduce_failure`` blob for replay.
 """
 

@@ -36,7 +36,7 @@ def _run_script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
 def test_bad_test_stages_value_is_named(tmp_path):
     result = _run_script(tmp_path, TEST_STAGES="small lrage")
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "TEST_STAGES: expected words 'small' and/or 'large', got 'small lrage'" in result.stderr
+    assert "TEST_STAGES: expected words 'small', 'large' and/or 'fuzz', got 'small lrage'" in result.stderr
 
 
 def test_reap_leaves_other_pytest_processes_alone(tmp_path):
