@@ -47,6 +47,7 @@ def test_reap_leaves_other_pytest_processes_alone(tmp_path):
         result = _run_script(tmp_path, TEST_STAGES="large", TEST_PATHS="tests/test_cli.py")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "(stage large: no tests collected)" in result.stdout
+        assert "== fuzz" not in result.stdout, "the fuzz part ran although TEST_STAGES did not name it"
         assert bystander.poll() is None, "gpu_run.sh's reap killed a process it did not start"
     finally:
         bystander.kill()
