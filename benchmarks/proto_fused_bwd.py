@@ -120,7 +120,7 @@ def proto_backward(q, k, v, o, do, lse, causal: bool, config: tuple[int, int, in
     unit stride along D, S a multiple of both blocks of ``config`` (BLOCK_M, BLOCK_N, warps, stages).
     ``delta`` = rowsum(o * do) in fp32 if already computed (the package's delta kernel takes ~0.055 ms at
     B*S = 16384, H*D = 2048 on an H100: NOTES, session 13)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    from hf_triton_attn.kernels.launch import tma_descriptor
 
     block_m, block_n, warps, stages = config
     b, h, s, d = q.shape
@@ -136,12 +136,10 @@ def proto_backward(q, k, v, o, do, lse, causal: bool, config: tuple[int, int, in
     dq_acc = torch.zeros_like(k, dtype=torch.float32)  # K's layout: the pointer-atomic path indexes it so
     dk, dv = torch.empty_like(k), torch.empty_like(v)
 
-    def desc(t, rows):
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d])
-
     grid = (triton.cdiv(s, block_n), b * h)
     _proto_bwd_kernel[grid](
-        desc(q, block_m), desc(do, block_m), desc(dq_acc, block_m), dq_acc, k, v, lse, delta, dk, dv,
+        tma_descriptor(q, block_m), tma_descriptor(do, block_m), tma_descriptor(dq_acc, block_m), dq_acc,
+        k, v, lse, delta, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), lse.stride(0), lse.stride(1),
         s, h, sm_scale, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, DQ_TMA=dq_tma,
         SPLIT_CAUSAL=split_causal,

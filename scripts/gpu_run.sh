@@ -70,12 +70,12 @@ EOF
 echo "== tests on the GPU (the whole suite compiled, plus the gpu-marked large/bf16/sync tests)"
 export HF_TRITON_ATTN_TEST_DEVICE=cuda
 tests_rc=0
+stages=" ${TEST_STAGES:-small large fuzz} "
 if [ "${TESTS:-1}" = "1" ]; then
     # small tests in parallel (compilation is the cost), then the large gpu-marked ones alone, then
     # the fuzz. The fuzz has a part of its own: in the small part, even in one shard per worker, its
     # 100 cases kept the part running past 450 s after the other 727 tests had finished in 92 s
     # (H200, warm Triton cache, session 20).
-    stages=" ${TEST_STAGES:-small large fuzz} "
     for stage in $stages; do
         case "$stage" in
             small | large | fuzz) ;;
@@ -105,7 +105,7 @@ if [ "${TESTS:-1}" = "1" ]; then
     fi
 fi
 
-if [ "${FUZZ:-0}" = "1" ] || { [ "${TESTS:-1}" = "1" ] && [[ " ${TEST_STAGES:-small large fuzz} " == *" fuzz "* ]]; }; then
+if [ "${FUZZ:-0}" = "1" ] || { [ "${TESTS:-1}" = "1" ] && [[ "$stages" == *" fuzz "* ]]; }; then
     echo "== fuzz on the GPU: ${FUZZ_CASES:-100} random cases vs the float64 reference"
     # shellcheck disable=SC2086
     HF_TRITON_ATTN_FUZZ_LOG="$OUT/fuzz_cases.txt" \
