@@ -260,6 +260,62 @@ def test_descriptor_launch_plan_matches_tritons_wrapper(monkeypatch, causal, det
             assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max(), name
 
 
+def test_encoded_descriptors_are_reused_only_for_the_same_memory_layout(monkeypatch):
+    """launch._descriptor_plan keeps each descriptor parameter's encoded tensor maps by (address, shape,
+    strides): over three fwd+bwd steps on the same q / k / v / dO, each is encoded once per parameter that
+    takes it, and every step gives the first step's results bitwise. A view with q's address but fewer
+    rows (and k / v likewise) is encoded anew: it gives bitwise what copies of it at new addresses give."""
+    import triton
+
+    from hf_triton_attn.kernels import backward, forward, launch
+
+    if not triton.__version__.startswith("3.6"):
+        pytest.skip("the descriptor launch plan is written against Triton 3.6's launcher wrapper")
+    for mod, name in ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq")):
+        old = getattr(mod, name)
+        monkeypatch.setattr(mod, name, launch.CachedLauncher(old.fn, old.num_pointers))
+    encoded = []  # base address of every descriptor the driver encoded
+    real_plan = launch._descriptor_plan
+
+    def counting_plan(kernel, n):
+        plan = real_plan(kernel, n)
+        if not plan:
+            return plan
+        *head, encode = plan
+
+        def counted(desc, meta):
+            encoded.append(desc.base.data_ptr())
+            return encode(desc, meta)
+
+        return (*head, counted)
+
+    monkeypatch.setattr(launch, "_descriptor_plan", counting_plan)
+    q, k, v = (t.detach() for t in _inputs(2, 4, 300, 64, torch.bfloat16))
+    do = torch.randn_like(q)
+
+    def step(q, k, v, do):
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*x, causal=True, deterministic=True)  # split dq: bitwise reproducible
+        out.backward(do)
+        return [out.detach(), *(t.grad for t in x)]
+
+    step(q, k, v, do)  # compiles; the first launch of each kernel goes through Triton, not the plan
+    encoded.clear()
+    first = step(q, k, v, do)
+    for _ in range(2):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), step(q, k, v, do), first):
+            assert torch.equal(a, b), name
+    assert any(encoded), "no descriptor went through the plan's encoder"
+    # q: the forward's Q and the dk/dv kernel's Q; k, v: the forward's and the dq kernel's; dO: dk/dv's
+    for t, slots in ((q, 2), (k, 2), (v, 2), (do, 1)):
+        assert encoded.count(t.data_ptr()) == slots, (encoded.count(t.data_ptr()), slots)
+
+    views = [t[:, :, :200] for t in (q, k, v, do)]  # same addresses as q, k, v, dO; 200 rows
+    copies = [t.clone() for t in views]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), step(*views), step(*copies)):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split-dq"])
 def test_dropout_gqa_backward_bf16(monkeypatch, deterministic, causal):

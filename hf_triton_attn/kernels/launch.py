@@ -356,8 +356,16 @@ class CachedLauncher:
                     plan = self.plans[kernel] = _descriptor_plan(kernel, n)
                 if plan:
                     raw, coop, pdl, slots, encode = plan
-                    for pos, meta in slots:  # last slot first: expanding one shifts the later ones
-                        pointers[pos:pos + 1] = encode(pointers[pos], meta)
+                    for pos, meta, encoded in slots:  # last slot first: expanding one shifts the later ones
+                        desc = pointers[pos]
+                        key = (desc.base.data_ptr(), desc.padding, *desc.shape, *desc.strides)
+                        args_of_desc = encoded.get(key)
+                        if args_of_desc is None:
+                            args_of_desc = encode(desc, meta)
+                            if len(encoded) >= _MAX_ENCODED:
+                                encoded.clear()
+                            encoded[key] = args_of_desc
+                        pointers[pos:pos + 1] = args_of_desc
                     raw(gx, gy, gz, stream, kernel.function, coop, pdl, None, None, kernel.packed_metadata,
                         None, None, None, *pointers, *args[n:], *constexprs)
                 else:
@@ -409,6 +417,11 @@ class CachedLauncher:
             self.by_raw.clear()
 
 
+# Entries per descriptor parameter before its encoded tensor maps are dropped (a bound, not a tuning knob:
+# a training loop or inference at one shape uses one entry per layer).
+_MAX_ENCODED = 256
+
+
 def _descriptor_plan(kernel, num_pointers: int):
     """How to launch ``kernel`` (one with TMA descriptor parameters) without Triton's generic wrapper.
 
@@ -417,10 +430,21 @@ def _descriptor_plan(kernel, num_pointers: int):
     only the descriptors here took a forward call's host time from 42.0 to 35.6 us (B1 H2 S128) and
     from 41.4 to 34.8 us (B32 H12 S512), median of 7 in-process rounds on an H100 host (2026-11-26,
     results/2026-11-26_h100_session9_run14_host_tma.log; pointer loads: 17.6 us). The plan is
-    (bare launcher, cooperative flag, PDL flag, ((position, metadata), ...) of the descriptors among
-    the first ``num_pointers`` arguments, last first, Triton's own per-descriptor encoder), read from
-    that wrapper's closure; False (launch through ``kernel.run``) wherever the wrapper is not the one
-    this was written against or the kernel needs scratch memory."""
+    (bare launcher, cooperative flag, PDL flag, ((position, metadata, encoded), ...) of the descriptors
+    among the first ``num_pointers`` arguments, last first, Triton's own per-descriptor encoder), read
+    from that wrapper's closure; False (launch through ``kernel.run``) wherever the wrapper is not the
+    one this was written against or the kernel needs scratch memory.
+
+    ``encoded`` (one dict per descriptor parameter) keeps the encoder's results, the tensor map and the
+    shape and strides that follow it, keyed by (base address, padding, shape, strides). The rest of what the
+    tensor map encodes (dtype, box, swizzle) is fixed per parameter of one compiled kernel, so an equal
+    key is an equal tensor map: a reused entry is exact even when the memory it names now belongs to
+    another tensor. A training loop at one shape meets the same keys every step where the caching
+    allocator hands the same blocks back: a GPT-2 124M train loop (``benchmarks/descriptor_reuse.py``,
+    B8 S1024 bf16) encoded 84 descriptors per step without this and none from its third step with it
+    (H200, 2026-11-28, results/2026-11-28_h200_session21_run4_descriptor_cache.log). The host time
+    that saves (the driver's ``cuTensorMapEncodeTiled`` and Triton's Python wrapper around it, 7-8 per
+    fwd+bwd call) was within that host's noise."""
     try:
         from triton.backends.nvidia.driver import make_tensordesc_arg
 
@@ -435,8 +459,8 @@ def _descriptor_plan(kernel, num_pointers: int):
                 or list(metas) != list(getattr(kernel.metadata, "tensordesc_meta", None) or ())
                 or run.global_scratch_size or run.profile_scratch_size):
             return False
-        return (raw, run.launch_cooperative_grid, run.launch_pdl, tuple(reversed(list(zip(slots, metas)))),
-                make_tensordesc_arg)
+        return (raw, run.launch_cooperative_grid, run.launch_pdl,
+                tuple(reversed([(slot, meta, {}) for slot, meta in zip(slots, metas)])), make_tensordesc_arg)
     except Exception:  # another Triton: its own launch path
         return False
 
