@@ -1,10 +1,10 @@
 """How often a training loop re-encodes its TMA descriptors: GPT-2 124M train steps (B8 S1024 bf16,
 random init, fused AdamW) with the package's attention, counting the driver encodes
 (``cuTensorMapEncodeTiled`` through Triton's ``make_tensordesc_arg``) that
-``kernels.launch._descriptor_plan`` makes per step, and the host time per step's attention calls.
+``kernels.launch._descriptor_plan`` makes per step.
 
-``launch._descriptor_plan`` keeps each descriptor parameter's encoded tensor maps by (address, shape,
-strides); this shows whether the caching allocator hands the same blocks back step after step, so that
+``launch._descriptor_plan`` keeps each descriptor parameter's encoded tensor maps by (address, padding,
+shape, strides); this shows whether the caching allocator hands the same blocks back step after step, so that
 a steady loop encodes nothing.
 
     python -m benchmarks.descriptor_reuse [--steps 6]
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_triton_attn.kernels import launch
 
     encodes: list[int] = []
-    plans: list[int] = []
+    plans: list[bool] = []
     real_plan = launch._descriptor_plan
 
     def counting_plan(kernel, n):
