@@ -26,40 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_triton_attn import patch_model
-    from hf_triton_attn.kernels import launch
+    from hf_triton_attn.testing import record_descriptor_encodes
 
-    encodes: list[int] = []
-    plans: list[bool] = []
-    real_plan = launch._descriptor_plan
-
-    def counting_plan(kernel, n):
-        plan = real_plan(kernel, n)
-        plans.append(bool(plan))
-        if not plan:
-            return plan
-        *head, encode = plan
-
-        def counted(desc, meta):
-            encodes[-1] += 1
-            return encode(desc, meta)
-
-        return (*head, counted)
-
-    launch._descriptor_plan = counting_plan
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).to("cuda", torch.bfloat16).train()
     patch_model(model)
     ids = torch.randint(0, model.config.vocab_size, (8, 1024), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    for step in range(args.steps):
-        encodes.append(0)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        print(f"step {step}: {encodes[-1]} descriptor encodes (12 layers; 7-8 descriptors per layer's fwd+bwd)")
-    print(f"launch plans made: {sum(plans)} of {len(plans)} kernels")
+    with record_descriptor_encodes() as encoded:  # a fresh process: every launch plan is made in the block
+        for step in range(args.steps):
+            before = len(encoded)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            print(f"step {step}: {len(encoded) - before} descriptor encodes "
+                  "(12 layers; 7-8 descriptors per layer's fwd+bwd)")
     return 0
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .ops import _INTERPRET_LOCK, _check_backend_usable, _draw_dropout_rng
 
-__all__ = ["draw_dropout_rng", "dropout_keep_mask"]
+__all__ = ["draw_dropout_rng", "dropout_keep_mask", "record_descriptor_encodes"]
 
 
 def draw_dropout_rng(device: torch.device | str) -> torch.Tensor:
@@ -40,3 +43,36 @@ def dropout_keep_mask(rng: torch.Tensor, batch: int, heads: int, seqlen_q: int, 
         else:
             dropout_mask(mask, rng, float(dropout_p))
     return mask.bool()
+
+
+@contextlib.contextmanager
+def record_descriptor_encodes() -> Iterator[list[int]]:
+    """Within the block, each TMA descriptor that a cached launch encodes (Triton's ``make_tensordesc_arg``,
+    i.e. the driver's ``cuTensorMapEncodeTiled``) appends its base address to the yielded list; reused
+    encodings (``kernels.launch._descriptor_plan``) append nothing.
+
+    Only launch plans made inside the block record: a launcher that already planned a kernel keeps its
+    encoder, so use fresh ``CachedLauncher``s (or a fresh process) for what should be counted.
+    """
+    from .kernels import launch
+
+    real_plan = launch._descriptor_plan
+    encoded: list[int] = []
+
+    def recording_plan(kernel, num_pointers: int):
+        plan = real_plan(kernel, num_pointers)
+        if not plan:
+            return plan
+        *head, encode = plan
+
+        def recorded(desc, meta):
+            encoded.append(desc.base.data_ptr())
+            return encode(desc, meta)
+
+        return (*head, recorded)
+
+    launch._descriptor_plan = recording_plan
+    try:
+        yield encoded
+    finally:
+        launch._descriptor_plan = real_plan

@@ -269,28 +269,13 @@ def test_encoded_descriptors_are_reused_only_for_the_same_memory_layout(monkeypa
     import triton
 
     from hf_triton_attn.kernels import backward, forward, launch
+    from hf_triton_attn.testing import record_descriptor_encodes
 
     if not triton.__version__.startswith("3.6"):
         pytest.skip("the descriptor launch plan is written against Triton 3.6's launcher wrapper")
     for mod, name in ((forward, "_launch_fwd"), (backward, "_launch_dkdv"), (backward, "_launch_dq")):
         old = getattr(mod, name)
         monkeypatch.setattr(mod, name, launch.CachedLauncher(old.fn, old.num_pointers))
-    encoded = []  # base address of every descriptor the driver encoded
-    real_plan = launch._descriptor_plan
-
-    def counting_plan(kernel, n):
-        plan = real_plan(kernel, n)
-        if not plan:
-            return plan
-        *head, encode = plan
-
-        def counted(desc, meta):
-            encoded.append(desc.base.data_ptr())
-            return encode(desc, meta)
-
-        return (*head, counted)
-
-    monkeypatch.setattr(launch, "_descriptor_plan", counting_plan)
     q, k, v = (t.detach() for t in _inputs(2, 4, 300, 64, torch.bfloat16))
     do = torch.randn_like(q)
 
@@ -300,12 +285,13 @@ def test_encoded_descriptors_are_reused_only_for_the_same_memory_layout(monkeypa
         out.backward(do)
         return [out.detach(), *(t.grad for t in x)]
 
-    step(q, k, v, do)  # compiles; the first launch of each kernel goes through Triton, not the plan
-    encoded.clear()
-    first = step(q, k, v, do)
-    for _ in range(2):
-        for name, a, b in zip(("out", "dq", "dk", "dv"), step(q, k, v, do), first):
-            assert torch.equal(a, b), name
+    with record_descriptor_encodes() as encoded:  # base address of every descriptor the driver encoded
+        step(q, k, v, do)  # compiles; the first launch of each kernel goes through Triton, not the plan
+        encoded.clear()
+        first = step(q, k, v, do)
+        for _ in range(2):
+            for name, a, b in zip(("out", "dq", "dk", "dv"), step(q, k, v, do), first):
+                assert torch.equal(a, b), name
     assert any(encoded), "no descriptor went through the plan's encoder"
     # q: the forward's Q and the dk/dv kernel's Q; k, v: the forward's and the dq kernel's; dO: dk/dv's
     for t, slots in ((q, 2), (k, 2), (v, 2), (do, 1)):

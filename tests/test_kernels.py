@@ -424,6 +424,27 @@ def test_cached_launch_passes_pointers_as_ints_only_where_the_launcher_takes_the
     assert [c[9:] for c in calls] == [expected, expected]
 
 
+def test_record_descriptor_encodes_wraps_the_plans_made_inside_the_block(monkeypatch):
+    """testing.record_descriptor_encodes: a launch plan made inside the block records the base address of
+    each descriptor its encoder encodes and returns the encoder's result unchanged; kernels without a plan
+    stay without one; on leaving the block, _descriptor_plan is launch's own again."""
+    from hf_triton_attn.kernels import launch
+    from hf_triton_attn.testing import record_descriptor_encodes
+
+    def fake_plan(kernel, num_pointers):
+        return kernel and ("raw", False, False, ((0, "meta", {}),), lambda desc, meta: [meta, desc.base.shape])
+
+    monkeypatch.setattr(launch, "_descriptor_plan", fake_plan)
+    desc = launch.tma_descriptor(torch.zeros(1, 2, 64, 64, dtype=torch.float16), 64)
+    with record_descriptor_encodes() as encoded:
+        assert launch._descriptor_plan(False, 4) is False
+        *head, encode = launch._descriptor_plan(True, 4)
+        assert head == ["raw", False, False, ((0, "meta", {}),)]
+        assert encode(desc, "meta") == ["meta", torch.Size([1, 2, 64, 64])]
+    assert encoded == [desc.base.data_ptr()]
+    assert launch._descriptor_plan is fake_plan
+
+
 def test_forward_config_takes_64_row_blocks_for_short_packed_sequences(monkeypatch):
     """The GPU forward config of a varlen batch follows its mean sequence length (host-side shapes
     only, no sync): sequences averaging under 384 rows take 64-row query blocks, longer ones and
