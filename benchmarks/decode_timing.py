@@ -149,7 +149,8 @@ def with_config(block_n: int, warps: int, stages: int):
     decode._decode_meta = meta
 
 
-def sweep() -> None:
+def sweep(block_ns: list[int], warps_list: list[int], stages_list: list[int], splits_list: list[str],
+          cases: list[tuple[int, int, int, int]]) -> None:
     """Decode tile configs x split counts at B = 1 (the latency-bound rows), ours only."""
     import itertools
 
@@ -157,11 +158,10 @@ def sweep() -> None:
 
     dtype, d = torch.bfloat16, 128
     print(f"{'case':>16} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'bench':>7} {'graph':>7}  (us)")
-    for hq, hkv, b, cache in ((32, 8, 1, 8192), (32, 8, 1, 2048), (32, 32, 1, 8192)):
+    for hq, hkv, b, cache in cases:
         q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
         k, v = (torch.randn(b, hkv, cache, d, dtype=dtype, device="cuda") for _ in range(2))
-        for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4),
-                                                                ("auto", "16", "64")):
+        for block_n, warps, stages, splits in itertools.product(block_ns, warps_list, stages_list, splits_list):
             with_config(block_n, warps, stages)
             fn = ours_call(q, k, v, splits)
             try:
@@ -191,9 +191,16 @@ def main() -> None:
     parser.add_argument("--splits", nargs="*", default=["auto", "8", "16", "64"])
     parser.add_argument("--no-sdpa", action="store_true", help="time ours only")
     parser.add_argument("--sweep", action="store_true", help="tile configs x split counts, ours only")
+    parser.add_argument("--sweep-block-n", type=int, nargs="*", default=[32, 64, 128])
+    parser.add_argument("--sweep-warps", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--sweep-stages", type=int, nargs="*", default=[2, 3, 4])
+    parser.add_argument("--sweep-splits", nargs="*", default=["auto", "16", "64"])
+    parser.add_argument("--sweep-cases", nargs="*", default=["32:8:1:8192", "32:8:1:2048", "32:32:1:8192"],
+                        help="Hq:Hkv:B:cache")
     args = parser.parse_args()
     if args.sweep:
-        sweep()
+        sweep(args.sweep_block_n, args.sweep_warps, args.sweep_stages, args.sweep_splits,
+              [tuple(int(x) for x in case.split(":")) for case in args.sweep_cases])
         return
     dtype, d = torch.bfloat16, 128
     rows = []
