@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,8 +49,14 @@ def _empty_kernel(OUT):
     tl.store(OUT + tl.program_id(0), 0.0)
 
 
-def read_call(k: torch.Tensor, v: torch.Tensor, splits: int, block_n: int, warps: int, stages: int):
+def read_call(k: torch.Tensor, v: torch.Tensor, splits: int, block_n: int, warps: int,
+              stages: int) -> tuple[Callable[[], None], torch.Tensor]:
+    """One launch of ``_read_kv_kernel`` over all of K and V (no key is left out), as a callable, and
+    the (Hkv * splits,) fp32 tensor it writes: the sum of K + V over each (KV head, split)."""
     hkv, cache, d = k.shape[1], k.shape[2], k.shape[3]
+    if cache % (splits * block_n):
+        raise ValueError(f"read_call: expected the cache length to be a multiple of splits * block_n = "
+                         f"{splits * block_n}, got {cache}")
     out = torch.empty(hkv * splits, device=k.device, dtype=torch.float32)
     per_split = cache // splits
 
@@ -57,7 +64,7 @@ def read_call(k: torch.Tensor, v: torch.Tensor, splits: int, block_n: int, warps
         _read_kv_kernel[(hkv, splits)](k, v, out, k.stride(1), k.stride(2), v.stride(1), v.stride(2), per_split,
                                        BLOCK_N=block_n, D=d, num_warps=warps, num_stages=stages)
 
-    return call
+    return call, out
 
 
 def main() -> None:
@@ -83,11 +90,11 @@ def main() -> None:
     empty_out = torch.empty(256, device="cuda", dtype=torch.float32)
     record("empty (256 programs)", lambda: _empty_kernel[(256,)](empty_out), 0)
     for splits, block_n, warps, stages in itertools.product((16, 32, 64, 128), (32, 64), (2, 4), (2, 3, 4)):
-        if cache // splits < block_n:
+        if cache % (splits * block_n):
             continue
         name = f"read splits {splits:>3} N{block_n} w{warps} s{stages}"
         try:
-            record(name, read_call(k, v, splits, block_n, warps, stages), mb * 1e6)
+            record(name, read_call(k, v, splits, block_n, warps, stages)[0], mb * 1e6)
         except Exception as exc:  # out of shared memory, say
             print(f"{name:>34} failed: {type(exc).__name__}"[:120])
     kv = torch.cat([k.flatten(), v.flatten()])

@@ -177,6 +177,17 @@ def sweep(block_ns: list[int], warps_list: list[int], stages_list: list[int], sp
                   f"{bench:7.1f} {replay:7.1f}")
 
 
+def decode_case(text: str) -> tuple[int, int, int, int]:
+    """``Hq:Hkv:B:cache`` -> (Hq, Hkv, B, cache), four positive ints with Hkv dividing Hq."""
+    parts = text.split(":")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected Hq:Hkv:B:cache (four positive ints), got {text!r}")
+    hq, hkv, b, cache = (int(p) for p in parts)
+    if hq % hkv:
+        raise argparse.ArgumentTypeError(f"expected Hkv dividing Hq, got Hq {hq}, Hkv {hkv} in {text!r}")
+    return hq, hkv, b, cache
+
+
 def sdpa_call(q, k, v, backend: SDPBackend) -> Callable[[], object]:
     def call():
         with sdpa_kernel(backend):
@@ -195,12 +206,11 @@ def main() -> None:
     parser.add_argument("--sweep-warps", type=int, nargs="*", default=[4, 8])
     parser.add_argument("--sweep-stages", type=int, nargs="*", default=[2, 3, 4])
     parser.add_argument("--sweep-splits", nargs="*", default=["auto", "16", "64"])
-    parser.add_argument("--sweep-cases", nargs="*", default=["32:8:1:8192", "32:8:1:2048", "32:32:1:8192"],
-                        help="Hq:Hkv:B:cache")
+    parser.add_argument("--sweep-cases", nargs="*", type=decode_case,
+                        default=[(32, 8, 1, 8192), (32, 8, 1, 2048), (32, 32, 1, 8192)], help="Hq:Hkv:B:cache")
     args = parser.parse_args()
     if args.sweep:
-        sweep(args.sweep_block_n, args.sweep_warps, args.sweep_stages, args.sweep_splits,
-              [tuple(int(x) for x in case.split(":")) for case in args.sweep_cases])
+        sweep(args.sweep_block_n, args.sweep_warps, args.sweep_stages, args.sweep_splits, args.sweep_cases)
         return
     dtype, d = torch.bfloat16, 128
     rows = []
