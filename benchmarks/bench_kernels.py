@@ -520,9 +520,27 @@ def run_decode_case(bench: Bench, hq: int, hkv: int, b: int, cache: int, d: int,
     references = [sdpa_gqa(name, q, k, v, repeated) for name in reference_names(bench)]
     checked = check(candidates[0], references, (q, k, v), None, dtype)
     records = measure_all(bench, base, candidates, checked, "fwd", (q, k, v), None)
-    for record in records:
+    for cand, record in zip(candidates, records):
         record["gbps"] = gbps(kv_bytes, record["ms"])
+        if record["ms"] is not None and bench.device == "cuda":
+            record["graph_ms"] = graph_replay_ms(bench, cand)
     return records
+
+
+def graph_replay_ms(bench: Bench, cand: Candidate) -> float | None:
+    """Median ms of ``do_bench`` over a CUDA-graph replay of the candidate's call: its GPU time after
+    do_bench's L2 flush, without the host time that an eager call's ``do_bench`` also times when the
+    host issues the call more slowly than the flush runs (a decode call is 0.02-0.5 ms of GPU work
+    against 15-80 us of host time; session 22, results/2026-11-28_h200_session22_run1_decode_timing.log).
+    None if the call cannot be captured."""
+    from benchmarks.decode_timing import graph_of
+
+    try:
+        with cand.context():
+            graph = graph_of(cand.forward)
+        return bench_ms(graph.replay, bench.device)
+    except Exception:  # a backend that cannot be captured: the eager time stands alone
+        return None
 
 
 # --------------------------------------------------------------------------- section: dropout
@@ -696,14 +714,18 @@ def padded_summary(records: Sequence[Record]) -> list[str]:
 
 
 def decode_summary(records: Sequence[Record]) -> list[str]:
-    """Decode: ms (GB/s of K+V) of each provider per (Hq:Hkv, B, cache)."""
+    """Decode: ms (GB/s of K+V) of each provider per (Hq:Hkv, B, cache); then, where recorded, the
+    CUDA-graph replay ms (GPU time without the eager call's host time)."""
     rows = [r for r in records if r["bench"] == "decode"]
     if not rows:
         return []
     providers = list(dict.fromkeys(r["provider"] for r in rows))
+    graphs = any(r.get("graph_ms") is not None for r in rows)
     lines = [
-        f"== decode D{rows[0]['D']} {rows[0]['dtype']}: ms (GB/s of K+V) ==",
-        f"{'heads':>6} {'B':>3} {'cache':>6} " + " ".join(f"{p:>16s}" for p in providers),
+        f"== decode D{rows[0]['D']} {rows[0]['dtype']}: ms (GB/s of K+V)"
+        + (" | CUDA-graph replay ms" if graphs else "") + " ==",
+        f"{'heads':>6} {'B':>3} {'cache':>6} " + " ".join(f"{p:>16s}" for p in providers)
+        + (" | " + " ".join(f"{p:>12s}" for p in providers) if graphs else ""),
     ]
     keys = list(dict.fromkeys((r["Hq"], r["Hkv"], r["B"], r["cache"]) for r in rows))
     for hq, hkv, b, cache in keys:
@@ -713,7 +735,10 @@ def decode_summary(records: Sequence[Record]) -> list[str]:
         text = [
             f"{fmt(c.get('ms'), '.3f')} ({fmt(c.get('gbps'))})" for c in (cells.get(p, {}) for p in providers)
         ]
-        lines.append(f"{hq:>3}:{hkv:<2} {b:>3} {cache:>6} " + " ".join(f"{t:>16s}" for t in text))
+        line = f"{hq:>3}:{hkv:<2} {b:>3} {cache:>6} " + " ".join(f"{t:>16s}" for t in text)
+        if graphs:
+            line += " | " + " ".join(f"{fmt(cells.get(p, {}).get('graph_ms'), '.4f'):>12s}" for p in providers)
+        lines.append(line)
     return lines
 
 
