@@ -523,24 +523,26 @@ def run_decode_case(bench: Bench, hq: int, hkv: int, b: int, cache: int, d: int,
     for cand, record in zip(candidates, records):
         record["gbps"] = gbps(kv_bytes, record["ms"])
         if record["ms"] is not None and bench.device == "cuda":
-            record["graph_ms"] = graph_replay_ms(bench, cand)
+            record["graph_ms"], graph_error = graph_replay_ms(bench, cand)
+            if graph_error is not None:
+                record["graph_error"] = graph_error
     return records
 
 
-def graph_replay_ms(bench: Bench, cand: Candidate) -> float | None:
-    """Median ms of ``do_bench`` over a CUDA-graph replay of the candidate's call: its GPU time after
-    do_bench's L2 flush, without the host time that an eager call's ``do_bench`` also times when the
-    host issues the call more slowly than the flush runs (a decode call is 0.02-0.5 ms of GPU work
+def graph_replay_ms(bench: Bench, cand: Candidate) -> tuple[float | None, str | None]:
+    """(median ms, None) of ``do_bench`` over a CUDA-graph replay of the candidate's call: its GPU time
+    after do_bench's L2 flush, without the host time that an eager call's ``do_bench`` also times when
+    the host issues the call more slowly than the flush runs (a decode call is 0.02-0.5 ms of GPU work
     against 15-80 us of host time; session 22, results/2026-11-28_h200_session22_run1_decode_timing.log).
-    None if the call cannot be captured."""
+    (None, error) if the call cannot be captured: the record keeps the error, the table shows "-"."""
     from benchmarks.decode_timing import graph_of
 
     try:
         with cand.context():
             graph = graph_of(cand.forward)
-        return bench_ms(graph.replay, bench.device)
-    except Exception:  # a backend that cannot be captured: the eager time stands alone
-        return None
+        return bench_ms(graph.replay, bench.device), None
+    except Exception as exc:
+        return None, short_error(exc)
 
 
 # --------------------------------------------------------------------------- section: dropout
