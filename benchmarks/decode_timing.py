@@ -11,7 +11,11 @@ than the memset runs, the events measure the host. This probe separates the two:
   which leaves L2 full of dirty lines that the call's reads must first write back) or by reading
   256 MB (L2 full of clean lines), events around the replay alone: how much of the flushed time is
   the write-back of do_bench's own memset;
-* ``host_us``: host microseconds per eager call (a loop of calls, no sync inside).
+* ``host_us``: host microseconds per eager call (a loop of calls, no sync inside);
+* ``kernels`` / ``span``: the eager call's GPU time from the profiler's device trace after do_bench's
+  flush, with no host time in it: its kernels' (and memsets') summed durations, and their span from the
+  first start to the last end; ``g_kern`` / ``g_span`` the same for the graph replay (a capture can hold
+  work an eager call does not, such as a memset).
 
 for ours at each ``--splits`` count (``auto`` = the heuristic) and for SDPA's cuDNN and flash backends.
 
@@ -96,13 +100,65 @@ def flushed_us(fn: Callable[[], object], write: bool, calls: int = 50) -> float:
     return us[len(us) // 2]
 
 
+def device_time_us(fn: Callable[[], object], calls: int = 30) -> tuple[float, float]:
+    """GPU time of ``fn`` with no host time in it, from the profiler's device trace (CUPTI): medians
+    over ``calls`` calls, each after do_bench's 256 MB memset flush, of (the summed durations of the
+    call's kernels and memsets, their span from the first start to the last end, gaps included).
+
+    The flush's own kernel delimits the calls: its names come from a profile of the flush alone, and
+    only events of those names longer than 20 us count as a flush (a call's own fills are short).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    buf = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
+
+    def device_events(prof) -> list[tuple[str, int, int]]:
+        events = prof.profiler.kineto_results.events()
+        return sorted((e.name(), e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                      if e.device_type() == torch.autograd.DeviceType.CUDA)
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        buf.zero_()
+        torch.cuda.synchronize()
+    flush_names = {name for name, _, _ in device_events(prof)}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            buf.zero_()
+            fn()
+        torch.cuda.synchronize()
+    groups: list[list[tuple[int, int]]] = []
+    for name, start, end in sorted(device_events(prof), key=lambda e: e[1]):
+        if name in flush_names and end - start > 20_000:
+            groups.append([])
+        elif groups:
+            groups[-1].append((start, end))
+    groups = [g for g in groups if g]
+    if len(groups) != calls:
+        raise RuntimeError(f"expected {calls} profiled calls after the flushes, found {len(groups)}")
+    sums = sorted(sum(e - s for s, e in g) / 1e3 for g in groups)
+    spans = sorted((max(e for _, e in g) - min(s for s, _ in g)) / 1e3 for g in groups)
+    return sums[calls // 2], spans[calls // 2]
+
+
 def measure(fn: Callable[[], object]) -> dict[str, float]:
     import triton.testing
 
     fn()
     graph = graph_of(fn)
     triton.testing.do_bench(fn, warmup=1, rep=10)  # discarded: see common.bench_ms
+    try:
+        kernel_us, span_us = device_time_us(fn)
+        graph_kernel_us, graph_span_us = device_time_us(graph.replay)
+    except RuntimeError as exc:  # a trace this parser does not understand: the event timings still count
+        print(f"device trace: {exc}")
+        kernel_us = span_us = graph_kernel_us = graph_span_us = float("nan")
     return {
+        "kernel_us": kernel_us,
+        "span_us": span_us,
+        "graph_kernel_us": graph_kernel_us,
+        "graph_span_us": graph_span_us,
         "bench_us": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3,
         "graph_us": triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3,
         "graph_hot_us": hot_us(graph.replay),
@@ -218,7 +274,7 @@ def main() -> None:
 
     print(f"== {torch.cuda.get_device_name()} | package {hf_triton_attn.__file__} (source {PACKAGE_SOURCE})")
     print(f"{'Hq:Hkv':>7} {'B':>3} {'cache':>6} {'impl':>12} {'bench':>8} {'graph':>8} {'hot':>8} {'write':>8} "
-          f"{'read':>8} {'host':>8}  (us)")
+          f"{'read':>8} {'host':>8} {'kernels':>8} {'span':>8} {'g_kern':>8} {'g_span':>8}  (us)")
     for hq, hkv, b, cache in CASES:
         q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
         k, v = (torch.randn(b, hkv, cache, d, dtype=dtype, device="cuda") for _ in range(2))
@@ -235,7 +291,8 @@ def main() -> None:
             rows.append(row)
             print(f"{hq:>4}:{hkv:<2} {b:>3} {cache:>6} {name:>12} {row['bench_us']:8.1f} {row['graph_us']:8.1f} "
                   f"{row['graph_hot_us']:8.1f} {row['graph_write_us']:8.1f} {row['graph_read_us']:8.1f} "
-                  f"{row['host_us']:8.1f}")
+                  f"{row['host_us']:8.1f} {row['kernel_us']:8.1f} {row['span_us']:8.1f} {row['graph_kernel_us']:8.1f} "
+                  f"{row['graph_span_us']:8.1f}")
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "package_source": PACKAGE_SOURCE,
                                         "rows": rows}, indent=1))

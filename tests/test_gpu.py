@@ -340,10 +340,34 @@ def test_dropout_gqa_backward_bf16(monkeypatch, deterministic, causal):
         assert_pass_rule(name, a[part], r, o, torch.bfloat16)
 
 
+def test_first_decode_under_sync_debug_mode_makes_no_graph_pool():
+    """The graph-counter pool costs one host sync when a device's first eager split launch makes it;
+    under ``set_sync_debug_mode`` that launch makes none (captures then take fresh zeros)."""
+    from hf_triton_attn.kernels import decode
+
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    index = torch.cuda.current_device()
+    saved = decode._GRAPH_POOLS.pop(index, None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = flash_attention(q, k, v, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        made = decode._GRAPH_POOLS.pop(index, "absent")
+        if saved is not None:
+            decode._GRAPH_POOLS[index] = saved
+    assert made is None
+    assert_pass_rule("out", out, attention_reference(q, k, v),
+                     attention_reference(q.double(), k.double(), v.double()), torch.bfloat16)
+
+
 def test_decode_merge_under_graph_and_two_streams():
-    """The split decode merges in the launch, with arrival counters kept per stream: a CUDA-graph
-    replay (the capture takes its own counters) and calls racing on two streams give the eager result
-    bit for bit (the merge reads the splits in order, whoever arrives last)."""
+    """The split decode merges in the launch, with arrival counters kept per stream: CUDA-graph
+    replays (each capture takes its own counters: a slice of the device's pool, or fresh zeros once
+    the pool is spent) and calls racing on two streams give the eager result bit for bit (the merge
+    reads the splits in order, whoever arrives last)."""
     from hf_triton_attn.kernels import decode
 
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -360,13 +384,32 @@ def test_decode_merge_under_graph_and_two_streams():
     with torch.cuda.stream(side):
         flash_attention(qs[0], k, v)
     torch.cuda.current_stream().wait_stream(side)
+    pool, used = decode._GRAPH_POOLS[torch.cuda.current_device()]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = flash_attention(qs[0], k, v)
+    assert decode._GRAPH_POOLS[torch.cuda.current_device()][1] == used + 8  # its own slice: no memset node
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, refs[0])
+    # a second graph from a spent pool takes fresh zeros; both replayed on two streams at once
+    decode._GRAPH_POOLS[torch.cuda.current_device()][1] = pool.numel() - 4
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        static_out2 = flash_attention(qs[1], k, v)
+    assert decode._GRAPH_POOLS[torch.cuda.current_device()][1] == pool.numel() - 4
+    pair = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in pair:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        for g_, s in zip((graph, graph2), pair):
+            with torch.cuda.stream(s):
+                g_.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, refs[0]) and torch.equal(static_out2, refs[1])
+    assert int(pool.abs().sum()) == 0  # every launch left its counters 0
+    decode._GRAPH_POOLS[torch.cuda.current_device()][1] = used + 8
 
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     for s in streams:

@@ -36,8 +36,8 @@ Workspace, only when num_splits > 1:
     lse_part [R, num_splits]      partial LSE in the base-2 domain (m2 + log2 l), after o_part
   int32 arrival counters, one per (sequence, KV head, row block): zero between calls (the last
   program resets its own), so they are kept per (device, stream) and reused; launches on one
-  stream never overlap. Under CUDA-graph capture each call takes fresh zeroed counters instead
-  (a graph may be replayed on any stream).
+  stream never overlap. A call captured into a CUDA graph (which may be replayed on any stream)
+  takes counters of its own instead, from a per-device pool zeroed once (``arrival_counters``).
 
 Not served here (the caller keeps the regular kernel): varlen, dropout, segments, query_mask.
 """
@@ -477,21 +477,28 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
 # Arrival counters of the split merge, per (device, stream): every launch leaves them 0, and
 # launches on one stream never overlap, so one buffer per stream serves every call. A buffer that
 # grows is simply replaced: it was allocated on its stream, so the caching allocator hands its
-# memory only to later work on that stream. Graph captures never see these buffers.
+# memory only to later work on that stream.
 _COUNTERS: dict = {}
 _MIN_COUNTERS = 4096
+# Counters for launches captured into CUDA graphs. A graph may be replayed on any stream, beside
+# eager calls and other graphs, so each captured launch owns its counters: a slice of a per-device
+# pool that was zeroed (and waited for, once) when the device's first eager split launch created it.
+# Launches leave their counters 0, so the graph needs no memset node before its kernel. A slice is
+# never handed out twice (a freed graph's slice is not reused): once the pool is spent, or for a
+# capture with no eager split launch before it, the capture takes fresh zeros (a memset node).
+_GRAPH_POOLS: dict = {}
+_GRAPH_POOL_SIZE = 1 << 16  # int32 counters per device (256 KB); a split launch needs < 1 per SM
 
 
 def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """At least ``needed`` zeroed int32 counters that no concurrent launch uses.
-
-    During CUDA-graph capture: fresh zeros each call (allocated in the graph's pool, zeroed by a
-    captured memset), since a graph may be replayed on any stream, beside eager calls.
-    """
+    """At least ``needed`` zeroed int32 counters that no concurrent launch uses."""
     if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
         if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(needed, device=device, dtype=torch.int32)
-        key = (device.index, _current_stream(device.index))
+            return _graph_counters(device, index, needed)
+        if index not in _GRAPH_POOLS:
+            _new_graph_pool(device, index)
+        key = (index, _current_stream(index))
     else:
         key = (device.type, device.index)
     counters = _COUNTERS.get(key)
@@ -499,6 +506,30 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
         size = max(needed, _MIN_COUNTERS, 2 * counters.numel() if counters is not None else 0)
         counters = _COUNTERS[key] = torch.zeros(size, device=device, dtype=torch.int32)
     return counters
+
+
+def _new_graph_pool(device: torch.device, index: int) -> None:
+    """The device's pool of graph counters, zeroed. The one host sync of the decode path, at the
+    device's first eager split launch (which loads the kernel anyway): a graph captured later may be
+    replayed on any stream, which must find the zeros written. Under ``torch.cuda.set_sync_debug_mode``
+    no pool is made (no sync where the user asked for none): captures then take fresh zeros."""
+    if torch.cuda.get_sync_debug_mode() != 0:
+        _GRAPH_POOLS[index] = None
+        return
+    pool = torch.zeros(_GRAPH_POOL_SIZE, device=device, dtype=torch.int32)
+    torch.cuda.current_stream(device).synchronize()
+    _GRAPH_POOLS[index] = [pool, 0]
+
+
+def _graph_counters(device: torch.device, index: int, needed: int) -> torch.Tensor:
+    """Counters for a launch being captured: the next unused slice of the device's pool, or fresh
+    zeros (allocated in the graph's pool by a captured memset) when there is none."""
+    entry = _GRAPH_POOLS.get(index)
+    if entry is None or entry[1] + needed > entry[0].numel():
+        return torch.zeros(needed, device=device, dtype=torch.int32)
+    pool, used = entry
+    entry[1] = used + needed
+    return pool[used:used + needed]
 
 
 def _current_stream(index: int | None) -> int:
