@@ -200,9 +200,15 @@ def test_arrival_counters_grow():
 
 
 def test_decode_splits_heuristic():
-    # a full GPU already: no split
-    assert decode_splits(17, 8, 8192, 64, 132) == 1
-    assert decode_splits(16, 8, 8192, 64, 132) == 3  # 128 programs: 3 splits reach 2 per SM
+    # 4 programs per SM already (536): no split
+    assert decode_splits(67, 8, 8192, 64, 132) == 1
+    assert decode_splits(64, 8, 2048, 64, 132) == 1
+    # long caches fill the SMs with 4 programs each, at least 32 key blocks per split
+    assert decode_splits(17, 8, 8192, 64, 132) == 3  # 136 programs: 3 splits of 43 blocks
+    assert decode_splits(16, 8, 8192, 64, 132) == 4  # 128 programs: 4 splits of 32 blocks
+    assert decode_splits(8, 32, 32768, 64, 132) == 2  # 256 programs: floor(528 / 256)
+    assert decode_splits(1, 32, 131072, 64, 132) == 16  # 16 x 32 = 512 programs, no second wave
+    assert decode_splits(1, 8, 131072, 64, 132) == 64  # at most 64 splits
     # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), trimmed to 32 splits of 4 blocks
     assert decode_splits(1, 8, 8192, 64, 132) == 32
     assert decode_splits(1, 8, 2048, 64, 132) == 16  # 2 blocks per split allowed

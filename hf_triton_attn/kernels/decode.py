@@ -342,6 +342,12 @@ _launch_decode = CachedLauncher(_decode_split_kernel, num_pointers=10)
 
 # Heuristic constants (see decode_splits).
 _PROGRAMS_PER_SM = 2
+# Long caches (bandwidth-bound): 4 resident programs per SM, what the D = 128 bf16 split kernel's 128
+# registers and 39 KB of shared memory allow. At B = 1, 131k keys: 32:32 9 -> 16 splits 537 -> 496 us,
+# 32:8 33 -> 64 splits 148 -> 142 us; 32:32 B = 8, 32k keys: 1 -> 2 splits 1023 -> 970 us (H200,
+# 2026-11-28, decode_timing --sweep, results/2026-11-28_h200_session23_run3_decode_sweep_long.log).
+_LONG_PROGRAMS_PER_SM = 4
+_LONG_SPLIT_BLOCKS = 32  # key blocks per split (2k keys at BLOCK_N = 64) for the long-cache rule
 # 2: at B = 1, GQA 32:8, D = 128 and a 2k cache, 16 splits of 2 blocks took 13.8 us against 16.1
 # with 8 splits of 4 (H100, 2026-11-26, benchmarks/decode_timing.py, do_bench with the L2 flushed).
 _MIN_BLOCKS_PER_SPLIT = 2
@@ -352,24 +358,32 @@ _MIN_SPLIT_BLOCKS = 16
 def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sms: int) -> int:
     """Number of key splits for a decode launch of ``batch * kv_heads`` (sequence, KV head) programs.
 
-    - If those programs already fill the GPU (>= one per SM), or the cache is short (fewer than
-      ``_MIN_SPLIT_BLOCKS`` = 16 key blocks, ~1k keys: a few microseconds of GPU work, where the
-      workspace and the merge would cost more than the split saves), split
-      nothing: 1.
-    - Otherwise aim at ``_PROGRAMS_PER_SM`` (2) programs per SM in total, i.e.
-      ``ceil(2 * num_sms / (batch * kv_heads))`` splits, while keeping at least
-      ``_MIN_BLOCKS_PER_SPLIT`` (2) key blocks per split (the fixed cost of a program and of the
-      merge must stay small next to its streaming), and at most ``_MAX_SPLITS`` (64).
-    - The count is then trimmed so no split is empty at ``seqlen_k`` (blocks spread evenly).
+    - A short cache (fewer than ``_MIN_SPLIT_BLOCKS`` = 16 key blocks, ~1k keys: a few microseconds
+      of GPU work, where the workspace and the merge would cost more than the split saves): 1.
+    - A long cache (bandwidth-bound): as many splits as fill every SM with
+      ``_LONG_PROGRAMS_PER_SM`` (4) resident programs, ``floor(4 * num_sms / programs)`` (more would
+      start a second wave), if that is at least 2 and leaves each split at least
+      ``_LONG_SPLIT_BLOCKS`` (32) key blocks.
+    - Otherwise, if the programs already fill the GPU (>= one per SM): 1. Else aim at
+      ``_PROGRAMS_PER_SM`` (2) programs per SM, ``ceil(2 * num_sms / programs)`` splits, while
+      keeping at least ``_MIN_BLOCKS_PER_SPLIT`` (2) key blocks per split (the fixed cost of a
+      program and of the merge must stay small next to its streaming).
+    - At most ``_MAX_SPLITS`` (64); the count is then trimmed so no split is empty at ``seqlen_k``
+      (blocks spread evenly).
     ``batch`` may already include the row blocks of a large GQA group (they are programs too).
-    Example (H100, 132 SMs, BLOCK_N = 64): B = 1, Hkv = 8, 8k keys -> 128 blocks, 33 wanted and
-    allowed, trimmed to 32 splits of 4 blocks: 256 programs.
+    Examples (H100 / H200, 132 SMs, BLOCK_N = 64): B = 1, Hkv = 8, 8k keys -> 128 blocks; the long
+    rule's 64 splits would leave 2 blocks each, so 33 are wanted, trimmed to 32 splits of 4 blocks:
+    256 programs. B = 1, Hkv = 32, 131k keys -> 16 splits of 128 blocks: 512 programs.
     """
     programs = max(1, batch * kv_heads)
     n_blocks = (max(seqlen_k, 0) + block_n - 1) // block_n
-    if programs >= num_sms or n_blocks < _MIN_SPLIT_BLOCKS:
+    if n_blocks < _MIN_SPLIT_BLOCKS:
         return 1
-    splits = min(-(-_PROGRAMS_PER_SM * num_sms // programs), n_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS)
+    splits = min(_LONG_PROGRAMS_PER_SM * num_sms // programs, _MAX_SPLITS)
+    if splits < 2 or n_blocks // splits < _LONG_SPLIT_BLOCKS:
+        if programs >= num_sms:
+            return 1
+        splits = min(-(-_PROGRAMS_PER_SM * num_sms // programs), n_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS)
     per_split = -(-n_blocks // splits)
     return -(-n_blocks // per_split)
 
