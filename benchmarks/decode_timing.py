@@ -198,9 +198,9 @@ def with_config(block_n: int, warps: int, stages: int):
     names = decode._launch_decode.constexpr_names
 
     def meta(*args):
-        _, row_blocks, _, _, cx_split, cx_single = original(*args)
+        _, row_blocks, _, _, cx_split, cx_single, *rest = original(*args)
         swap = lambda cx: tuple(block_n if n == "BLOCK_N" else x for n, x in zip(names, cx))  # noqa: E731
-        return block_n, row_blocks, warps, stages, swap(cx_split), swap(cx_single)
+        return block_n, row_blocks, warps, stages, swap(cx_split), swap(cx_single), *rest
 
     decode._decode_meta = meta
 

@@ -209,6 +209,9 @@ def test_decode_splits_heuristic():
     assert decode_splits(8, 32, 32768, 64, 132) == 2  # 256 programs: floor(528 / 256)
     assert decode_splits(1, 32, 131072, 64, 132) == 16  # 16 x 32 = 512 programs, no second wave
     assert decode_splits(1, 8, 131072, 64, 132) == 64  # at most 64 splits
+    # the rule off (K/V rows wider than 256 bytes): 2 programs per SM, no split once the SMs are full
+    assert decode_splits(1, 32, 131072, 32, 132, 0) == 9
+    assert decode_splits(8, 32, 32768, 32, 132, 0) == 1
     # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), trimmed to 32 splits of 4 blocks
     assert decode_splits(1, 8, 8192, 64, 132) == 32
     assert decode_splits(1, 8, 2048, 64, 132) == 16  # 2 blocks per split allowed

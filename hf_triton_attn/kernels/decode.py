@@ -343,7 +343,8 @@ _launch_decode = CachedLauncher(_decode_split_kernel, num_pointers=10)
 # Heuristic constants (see decode_splits).
 _PROGRAMS_PER_SM = 2
 # Long caches (bandwidth-bound): 4 resident programs per SM, what the D = 128 bf16 split kernel's 128
-# registers and 39 KB of shared memory allow. At B = 1, 131k keys: 32:32 9 -> 16 splits 537 -> 496 us,
+# registers and 39 KB of shared memory allow (K/V rows of at most 256 bytes; wider rows double the
+# tiles' shared memory, unmeasured: they keep the 2-per-SM rule). At B = 1, 131k keys: 32:32 9 -> 16 splits 537 -> 496 us,
 # 32:8 33 -> 64 splits 148 -> 142 us; 32:32 B = 8, 32k keys: 1 -> 2 splits 1023 -> 970 us (H200,
 # 2026-11-28, decode_timing --sweep, results/2026-11-28_h200_session23_run3_decode_sweep_long.log).
 _LONG_PROGRAMS_PER_SM = 4
@@ -355,15 +356,16 @@ _MAX_SPLITS = 64
 _MIN_SPLIT_BLOCKS = 16
 
 
-def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sms: int) -> int:
+def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sms: int,
+                  long_programs_per_sm: int = _LONG_PROGRAMS_PER_SM) -> int:
     """Number of key splits for a decode launch of ``batch * kv_heads`` (sequence, KV head) programs.
 
     - A short cache (fewer than ``_MIN_SPLIT_BLOCKS`` = 16 key blocks, ~1k keys: a few microseconds
       of GPU work, where the workspace and the merge would cost more than the split saves): 1.
     - A long cache (bandwidth-bound): as many splits as fill every SM with
-      ``_LONG_PROGRAMS_PER_SM`` (4) resident programs, ``floor(4 * num_sms / programs)`` (more would
-      start a second wave), if that is at least 2 and leaves each split at least
-      ``_LONG_SPLIT_BLOCKS`` (32) key blocks.
+      ``long_programs_per_sm`` (4; 0 turns this rule off) resident programs,
+      ``floor(4 * num_sms / programs)`` (more would start a second wave), if that is at least 2 and
+      leaves each split at least ``_LONG_SPLIT_BLOCKS`` (32) key blocks.
     - Otherwise, if the programs already fill the GPU (>= one per SM): 1. Else aim at
       ``_PROGRAMS_PER_SM`` (2) programs per SM, ``ceil(2 * num_sms / programs)`` splits, while
       keeping at least ``_MIN_BLOCKS_PER_SPLIT`` (2) key blocks per split (the fixed cost of a
@@ -379,7 +381,7 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
     n_blocks = (max(seqlen_k, 0) + block_n - 1) // block_n
     if n_blocks < _MIN_SPLIT_BLOCKS:
         return 1
-    splits = min(_LONG_PROGRAMS_PER_SM * num_sms // programs, _MAX_SPLITS)
+    splits = min(long_programs_per_sm * num_sms // programs, _MAX_SPLITS)
     if splits < 2 or n_blocks // splits < _LONG_SPLIT_BLOCKS:
         if programs >= num_sms:
             return 1
@@ -392,7 +394,8 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
 def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flags: tuple,
                  dot_precision: str, store_lse: bool) -> tuple:
     """Per feature combination, computed once: (BLOCK_N, row blocks, num_warps, num_stages,
-    kernel constexprs for num_splits > 1, the same for num_splits == 1).
+    kernel constexprs for num_splits > 1, the same for num_splits == 1, the resident programs per SM
+    that ``decode_splits``' long-cache rule may aim at (0: rule off)).
     ``store_lse``: whether the caller wants the LSE (the partial LSEs of several splits are
     always written: the merge reads them).
 
@@ -426,7 +429,8 @@ def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flag
     single = {**values, "SPLIT": False, "STORE_LSE": store_lse, "MERGE_M": 1, "MERGE_S": 1}
     return (block_n, triton.cdiv(max(rows, 1), block_m), warps, stages,
             tuple(split[n] for n in _launch_decode.constexpr_names),
-            tuple(single[n] for n in _launch_decode.constexpr_names))
+            tuple(single[n] for n in _launch_decode.constexpr_names),
+            _LONG_PROGRAMS_PER_SM if width <= 256 else 0)
 
 
 _FLAG_NAMES = ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_KEY_MASK", "HAS_SEQUSED_K")
@@ -463,10 +467,11 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
     flags = (window_left >= 0, window_right >= 0, softcap > 0, alibi is not None, key_mask is not None,
              seqused_k is not None)
     store_lse = lse is not None
-    block_n, row_blocks, warps, stages, cx_split, cx_single = _decode_meta(
+    block_n, row_blocks, warps, stages, cx_split, cx_single, long_per_sm = _decode_meta(
         head_dim, head_dim_v, q.element_size(), kv_group * max_seqlen_q, flags, dot_precision, store_lse)
     if num_splits is None:
-        num_splits = decode_splits(num_seqs * row_blocks, num_kv_heads, max_seqlen_k, block_n, _num_sms(q.device))
+        num_splits = decode_splits(num_seqs * row_blocks, num_kv_heads, max_seqlen_k, block_n, _num_sms(q.device),
+                                   long_per_sm)
     dummy = o  # pointer for absent tensors (never read or written)
     lse_st = lse.stride() if store_lse else (0, 0, 0)
     if num_splits == 1:
