@@ -342,7 +342,8 @@ def test_dropout_gqa_backward_bf16(monkeypatch, deterministic, causal):
 
 def test_first_decode_under_sync_debug_mode_makes_no_graph_pool():
     """The graph-counter pool costs one host sync when a device's first eager split launch makes it;
-    under ``set_sync_debug_mode`` that launch makes none (captures then take fresh zeros)."""
+    under ``set_sync_debug_mode`` that launch makes none (captures then take fresh zeros), and the
+    next launch outside it does."""
     from hf_triton_attn.kernels import decode
 
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -355,12 +356,15 @@ def test_first_decode_under_sync_debug_mode_makes_no_graph_pool():
         out = flash_attention(q, k, v, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        made = decode._GRAPH_POOLS.pop(index, "absent")
-        if saved is not None:
-            decode._GRAPH_POOLS[index] = saved
+        made = decode._GRAPH_POOLS.pop(index, None)
     assert made is None
     assert_pass_rule("out", out, attention_reference(q, k, v),
                      attention_reference(q.double(), k.double(), v.double()), torch.bfloat16)
+    flash_attention(q, k, v, backend="triton")
+    pool, used = decode._GRAPH_POOLS[index]
+    assert used == 0 and int(pool.abs().sum()) == 0
+    if saved is not None:
+        decode._GRAPH_POOLS[index] = saved
 
 
 def test_decode_merge_under_graph_and_two_streams():

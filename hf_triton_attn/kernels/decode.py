@@ -43,6 +43,7 @@ Not served here (the caller keeps the regular kernel): varlen, dropout, segments
 """
 
 import functools
+import threading
 
 import torch
 import triton
@@ -343,10 +344,11 @@ _launch_decode = CachedLauncher(_decode_split_kernel, num_pointers=10)
 # Heuristic constants (see decode_splits).
 _PROGRAMS_PER_SM = 2
 # Long caches (bandwidth-bound): 4 resident programs per SM, what the D = 128 bf16 split kernel's 128
-# registers and 39 KB of shared memory allow (K/V rows of at most 256 bytes; wider rows double the
-# tiles' shared memory, unmeasured: they keep the 2-per-SM rule). At B = 1, 131k keys: 32:32 9 -> 16 splits 537 -> 496 us,
-# 32:8 33 -> 64 splits 148 -> 142 us; 32:32 B = 8, 32k keys: 1 -> 2 splits 1023 -> 970 us (H200,
-# 2026-11-28, decode_timing --sweep, results/2026-11-28_h200_session23_run3_decode_sweep_long.log).
+# registers and 39 KB of shared memory allow. Only for K/V rows of at most 256 bytes: wider rows
+# double the tiles' shared memory (unmeasured), so they keep the 2-per-SM rule. At B = 1, 131k keys:
+# 32:32 9 -> 16 splits 537 -> 496 us, 32:8 33 -> 64 splits 148 -> 142 us; 32:32 B = 8, 32k keys:
+# 1 -> 2 splits 1023 -> 970 us (H200, 2026-11-28, decode_timing --sweep,
+# results/2026-11-28_h200_session23_run3_decode_sweep_long.log; cuDNN 490 / 139 / 959 us).
 _LONG_PROGRAMS_PER_SM = 4
 _LONG_SPLIT_BLOCKS = 32  # key blocks per split (2k keys at BLOCK_N = 64) for the long-cache rule
 # 2: at B = 1, GQA 32:8, D = 128 and a 2k cache, 16 splits of 2 blocks took 13.8 us against 16.1
@@ -506,6 +508,7 @@ _MIN_COUNTERS = 4096
 # never handed out twice (a freed graph's slice is not reused): once the pool is spent, or for a
 # capture with no eager split launch before it, the capture takes fresh zeros (a memset node).
 _GRAPH_POOLS: dict = {}
+_GRAPH_POOL_LOCK = threading.Lock()  # captures on several threads take disjoint slices
 _GRAPH_POOL_SIZE = 1 << 16  # int32 counters per device (256 KB); a split launch needs < 1 per SM
 
 
@@ -515,7 +518,7 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
         index = torch.cuda.current_device() if device.index is None else device.index
         if torch.cuda.is_current_stream_capturing():
             return _graph_counters(device, index, needed)
-        if index not in _GRAPH_POOLS:
+        if _GRAPH_POOLS.get(index) is None:
             _new_graph_pool(device, index)
         key = (index, _current_stream(index))
     else:
@@ -531,9 +534,9 @@ def _new_graph_pool(device: torch.device, index: int) -> None:
     """The device's pool of graph counters, zeroed. The one host sync of the decode path, at the
     device's first eager split launch (which loads the kernel anyway): a graph captured later may be
     replayed on any stream, which must find the zeros written. Under ``torch.cuda.set_sync_debug_mode``
-    no pool is made (no sync where the user asked for none): captures then take fresh zeros."""
+    no pool is made (no sync where the user asked for none; a later launch outside it makes it):
+    captures meanwhile take fresh zeros."""
     if torch.cuda.get_sync_debug_mode() != 0:
-        _GRAPH_POOLS[index] = None
         return
     pool = torch.zeros(_GRAPH_POOL_SIZE, device=device, dtype=torch.int32)
     torch.cuda.current_stream(device).synchronize()
@@ -543,11 +546,12 @@ def _new_graph_pool(device: torch.device, index: int) -> None:
 def _graph_counters(device: torch.device, index: int, needed: int) -> torch.Tensor:
     """Counters for a launch being captured: the next unused slice of the device's pool, or fresh
     zeros (allocated in the graph's pool by a captured memset) when there is none."""
-    entry = _GRAPH_POOLS.get(index)
-    if entry is None or entry[1] + needed > entry[0].numel():
-        return torch.zeros(needed, device=device, dtype=torch.int32)
-    pool, used = entry
-    entry[1] = used + needed
+    with _GRAPH_POOL_LOCK:
+        entry = _GRAPH_POOLS.get(index)
+        if entry is None or entry[1] + needed > entry[0].numel():
+            return torch.zeros(needed, device=device, dtype=torch.int32)
+        pool, used = entry
+        entry[1] = used + needed
     return pool[used:used + needed]
 
 
