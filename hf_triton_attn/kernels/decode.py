@@ -555,8 +555,6 @@ def _graph_counters(device: torch.device, index: int, needed: int) -> torch.Tens
     return pool[used:used + needed]
 
 
-def _current_stream(index: int | None) -> int:
-    """The raw handle of the current CUDA stream (what Triton launches on)."""
-    if index is None:
-        index = torch.cuda.current_device()
+def _current_stream(index: int) -> int:
+    """The raw handle of device ``index``'s current CUDA stream (what Triton launches on)."""
     return torch._C._cuda_getCurrentRawStream(index)
