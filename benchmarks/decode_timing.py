@@ -17,9 +17,11 @@ than the memset runs, the events measure the host. This probe separates the two:
   first start to the last end; ``g_kern`` / ``g_span`` the same for the graph replay (a capture can hold
   work an eager call does not, such as a memset).
 
-for ours at each ``--splits`` count (``auto`` = the heuristic) and for SDPA's cuDNN and flash backends.
+for ours at each ``--splits`` count (``auto`` = the heuristic) and for SDPA's cuDNN, flash and
+efficient backends, at the ``--cases`` (Hq:Hkv:B:cache) and ``--dim`` given (default: four D = 128 rows).
 
     python -m benchmarks.decode_timing --out decode_timing.json
+    python -m benchmarks.decode_timing --dim 64 --cases 12:12:8:600 --splits auto 2 4
 """
 
 import argparse
@@ -206,13 +208,13 @@ def with_config(block_n: int, warps: int, stages: int):
 
 
 def sweep(block_ns: list[int], warps_list: list[int], stages_list: list[int], splits_list: list[str],
-          cases: list[tuple[int, int, int, int]]) -> None:
-    """Decode tile configs x split counts at B = 1 (the latency-bound rows), ours only."""
+          cases: list[tuple[int, int, int, int]], d: int = 128) -> None:
+    """Decode tile configs x split counts at B = 1 (the latency-bound rows), ours only; head dim ``d``."""
     import itertools
 
     import triton.testing
 
-    dtype, d = torch.bfloat16, 128
+    dtype = torch.bfloat16
     print(f"{'case':>16} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'bench':>7} {'graph':>7}  (us)")
     for hq, hkv, b, cache in cases:
         q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
@@ -264,24 +266,29 @@ def main() -> None:
     parser.add_argument("--sweep-splits", nargs="*", default=["auto", "16", "64"])
     parser.add_argument("--sweep-cases", nargs="*", type=decode_case,
                         default=[(32, 8, 1, 8192), (32, 8, 1, 2048), (32, 32, 1, 8192)], help="Hq:Hkv:B:cache")
+    parser.add_argument("--cases", nargs="*", type=decode_case, default=list(CASES),
+                        help="Hq:Hkv:B:cache rows of the timing table")
+    parser.add_argument("--dim", type=int, default=128, help="head dim (q, k and v)")
     args = parser.parse_args()
     if args.sweep:
-        sweep(args.sweep_block_n, args.sweep_warps, args.sweep_stages, args.sweep_splits, args.sweep_cases)
+        sweep(args.sweep_block_n, args.sweep_warps, args.sweep_stages, args.sweep_splits, args.sweep_cases,
+              args.dim)
         return
-    dtype, d = torch.bfloat16, 128
+    dtype, d = torch.bfloat16, args.dim
     rows = []
     import hf_triton_attn
 
     print(f"== {torch.cuda.get_device_name()} | package {hf_triton_attn.__file__} (source {PACKAGE_SOURCE})")
     print(f"{'Hq:Hkv':>7} {'B':>3} {'cache':>6} {'impl':>12} {'bench':>8} {'graph':>8} {'hot':>8} {'write':>8} "
           f"{'read':>8} {'host':>8} {'kernels':>8} {'span':>8} {'g_kern':>8} {'g_span':>8}  (us)")
-    for hq, hkv, b, cache in CASES:
+    for hq, hkv, b, cache in args.cases:
         q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda").transpose(1, 2)
         k, v = (torch.randn(b, hkv, cache, d, dtype=dtype, device="cuda") for _ in range(2))
         impls = {f"ours_{s}": ours_call(q, k, v, s) for s in args.splits}
         if not args.no_sdpa:
             impls["sdpa_cudnn"] = sdpa_call(q, k, v, SDPBackend.CUDNN_ATTENTION)
             impls["sdpa_flash"] = sdpa_call(q, k, v, SDPBackend.FLASH_ATTENTION)
+            impls["sdpa_efficient"] = sdpa_call(q, k, v, SDPBackend.EFFICIENT_ATTENTION)
         for name, fn in impls.items():
             try:
                 row = {"Hq": hq, "Hkv": hkv, "B": b, "cache": cache, "impl": name, **measure(fn)}

@@ -215,9 +215,16 @@ def test_decode_splits_heuristic():
     # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), trimmed to 32 splits of 4 blocks
     assert decode_splits(1, 8, 8192, 64, 132) == 32
     assert decode_splits(1, 8, 2048, 64, 132) == 16  # 2 blocks per split allowed
-    # short cache (< 16 key blocks): one split, no merge (host time dominates there)
-    assert decode_splits(1, 8, 512, 64, 132) == 1
-    assert decode_splits(8, 12, 640, 64, 132) == 1  # GPT-2 generate, B = 8
+    # short cache (8-15 key blocks): split only while the programs fill at most half of the SMs
+    assert decode_splits(1, 12, 600, 64, 132) == 5  # GPT-2 at B = 1: 5 splits of 2 blocks
+    assert decode_splits(4, 12, 600, 64, 132) == 5  # 48 programs: min(ceil(264 / 48), 10 // 2)
+    assert decode_splits(1, 8, 512, 64, 132) == 4
+    assert decode_splits(66, 1, 600, 64, 132) == 4  # 66 programs: half of the SMs
+    assert decode_splits(67, 1, 600, 64, 132) == 1  # 67: more than half
+    assert decode_splits(8, 12, 640, 64, 132) == 1  # GPT-2 generate, B = 8: 96 programs
+    # very short cache (< 8 key blocks): one split, no merge
+    assert decode_splits(1, 12, 448, 64, 132) == 1
+    assert decode_splits(1, 12, 300, 64, 132) == 1
     # at least 2 key blocks per split
     assert decode_splits(1, 8, 1024, 64, 132) == 8
     assert decode_splits(1, 1, 64, 64, 132) == 1

@@ -356,14 +356,24 @@ _LONG_SPLIT_BLOCKS = 32  # key blocks per split (2k keys at BLOCK_N = 64) for th
 _MIN_BLOCKS_PER_SPLIT = 2
 _MAX_SPLITS = 64
 _MIN_SPLIT_BLOCKS = 16
+# Short caches (8-15 key blocks) split only when the programs leave at least half of the SMs idle. GPT-2
+# shapes (H12, D = 64, 600 keys, 10 blocks), CUDA-graph replays, one split vs the 2-per-SM rule's 5:
+# B = 1 13.8 -> 11.2 us, B = 2 14.9 -> 12.1, B = 4 (48 programs) 14.9 -> 13.3; 9:3 GQA (SmolLM2) B = 1
+# 13.5 -> 10.8; at B = 8 (96 programs) every split count lost (15.9 -> 16.4-17.4), and below 8 blocks
+# (300 keys) 2 splits lost at B = 1 and 4 (H200, 2026-11-28, decode_timing --sweep --dim 64,
+# results/2026-11-28_h200_session24_run3_decode_sweep_d64_short.log).
+_SHORT_SPLIT_BLOCKS = 8
 
 
 def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sms: int,
                   long_programs_per_sm: int = _LONG_PROGRAMS_PER_SM) -> int:
     """Number of key splits for a decode launch of ``batch * kv_heads`` (sequence, KV head) programs.
 
-    - A short cache (fewer than ``_MIN_SPLIT_BLOCKS`` = 16 key blocks, ~1k keys: a few microseconds
-      of GPU work, where the workspace and the merge would cost more than the split saves): 1.
+    - A very short cache (fewer than ``_SHORT_SPLIT_BLOCKS`` = 8 key blocks, 512 keys at
+      BLOCK_N = 64: a few microseconds of GPU work, where the workspace and the merge cost about what
+      the split saves): 1.
+    - A short cache (8 to 15 blocks): 1 when the programs occupy more than half of the SMs, else the
+      2-programs-per-SM rule below.
     - A long cache (bandwidth-bound): as many splits as fill every SM with
       ``long_programs_per_sm`` (4; 0 turns this rule off) resident programs,
       ``floor(4 * num_sms / programs)`` (more would start a second wave), if that is at least 2 and
@@ -375,13 +385,14 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
     - At most ``_MAX_SPLITS`` (64); the count is then trimmed so no split is empty at ``seqlen_k``
       (blocks spread evenly).
     ``batch`` may already include the row blocks of a large GQA group (they are programs too).
-    Examples (H100 / H200, 132 SMs, BLOCK_N = 64): B = 1, Hkv = 8, 8k keys -> 128 blocks; the long
+    Examples (H100 / H200, 132 SMs, BLOCK_N = 64): GPT-2 (Hkv = 12), 600 keys -> 10 blocks: 5 splits
+    of 2 blocks at B = 1 (12 programs), 1 at B = 8 (96). B = 1, Hkv = 8, 8k keys -> 128 blocks; the long
     rule's 64 splits would leave 2 blocks each, so 33 are wanted, trimmed to 32 splits of 4 blocks:
     256 programs. B = 1, Hkv = 32, 131k keys -> 16 splits of 128 blocks: 512 programs.
     """
     programs = max(1, batch * kv_heads)
     n_blocks = (max(seqlen_k, 0) + block_n - 1) // block_n
-    if n_blocks < _MIN_SPLIT_BLOCKS:
+    if n_blocks < _SHORT_SPLIT_BLOCKS or (n_blocks < _MIN_SPLIT_BLOCKS and 2 * programs > num_sms):
         return 1
     splits = min(long_programs_per_sm * num_sms // programs, _MAX_SPLITS)
     if splits < 2 or n_blocks // splits < _LONG_SPLIT_BLOCKS:
