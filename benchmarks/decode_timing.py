@@ -200,10 +200,10 @@ def with_config(block_n: int, warps: int, stages: int):
     names = decode._launch_decode.constexpr_names
 
     def meta(*args):
-        _, row_blocks, _, _, cx_split, cx_single, long_per_sm, row_bytes, _wide = original(*args)
+        _, row_blocks, _, _, cx_split, cx_single, long_per_sm, _deep = original(*args)
         swap = lambda cx: tuple(block_n if n == "BLOCK_N" else x for n, x in zip(names, cx))  # noqa: E731
-        # no 128-key tile for unsplit launches: the swept BLOCK_N is the one launched
-        return block_n, row_blocks, warps, stages, swap(cx_split), swap(cx_single), long_per_sm, row_bytes, None
+        # no deep tile for whole launches: the swept BLOCK_N and stages are the ones launched
+        return block_n, row_blocks, warps, stages, swap(cx_split), swap(cx_single), long_per_sm, None
 
     decode._decode_meta = meta
 

@@ -264,6 +264,7 @@ DECODE_CASES = (
     dict(dtype="bfloat16", d=80, hq=8, hkv=8, sq=1, sk=100, causal=True, key_mask="int32", seqused_k=True,
          splits=(1, 4)),
     dict(dtype="float16", d=1, hq=1, hkv=1, sq=1, sk=1, window=(1, 1), splits=(1, 2)),  # every int == 1
+    dict(dtype="bfloat16", d=128, hq=4, hkv=2, sq=1, sk=600, causal=True, splits=(1, 4)),  # deep: 3 stages
 )
 
 
@@ -279,9 +280,9 @@ def run_decode_case(kw: dict) -> None:
     from hf_triton_attn.kernels import decode
     from hf_triton_attn.kernels.decode import flash_decode
 
-    # As on a GPU with the shared memory for it: unsplit launches of rows <= 128 bytes with at most one
-    # program per "SM" (4 for CPU tensors) record the 128-key tile variant too.
-    decode._wide_tiles_fit = lambda device: True
+    # As on a GPU with the shared memory for it: whole launches with at most one program per "SM" (4 for
+    # CPU tensors) record the deep tile variants too.
+    decode._deep_tiles_fit = lambda device: True
     dtype = getattr(torch, kw["dtype"])
     b, hq, hkv, sq, sk, d = 2, kw["hq"], kw["hkv"], kw["sq"], kw["sk"], kw["d"]
     dv = kw.get("dv", d)

@@ -186,37 +186,42 @@ def test_one_launch_counters_left_zero(monkeypatch):
 
 
 class _TileSpy:
-    """Stands in for ``decode._launch_decode``: records each launch's BLOCK_N, then launches."""
+    """Stands in for ``decode._launch_decode``: records each launch's (BLOCK_N, num_stages), then launches."""
 
     def __init__(self, real) -> None:
-        self.real, self.block_n = real, []
+        self.real, self.tiles = real, []
 
-    def __call__(self, grid, args, constexprs, *options):
-        self.block_n.append(dict(zip(self.real.constexpr_names, constexprs))["BLOCK_N"])
-        return self.real(grid, args, constexprs, *options)
+    def __call__(self, grid, args, constexprs, num_warps, num_stages):
+        self.tiles.append((dict(zip(self.real.constexpr_names, constexprs))["BLOCK_N"], num_stages))
+        return self.real(grid, args, constexprs, num_warps, num_stages)
 
     def __getattr__(self, name):
         return getattr(self.real, name)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("batch", [3, pytest.param(70, marks=pytest.mark.skipif(not ON_GPU, reason="GPU-sized"))])
-def test_unsplit_launch_key_tiles(batch, monkeypatch):
-    """Unsplit launches with K/V rows of at most 128 bytes take 128-key tiles on a GPU while they have at
-    most one program per SM (6 programs here), 64-key tiles beyond that (140 programs); both match the
-    oracle, with a key mask and causal, at a key count (301) that ends inside a tile."""
+def test_whole_launch_deep_tiles(batch, head_dim, monkeypatch):
+    """Whole (unsplit) launches take the deep tile on a GPU while they have at most one program per SM
+    (6 programs here: 128-key tiles at D = 64, 3 stages at D = 128), the default tile beyond that (140
+    programs); both match the oracle, with a key mask and causal, at a key count (301) that ends inside
+    a tile."""
     from hf_triton_attn.kernels import decode
 
     spy = _TileSpy(decode._launch_decode)
     monkeypatch.setattr(decode, "_launch_decode", spy)
-    q, k, v = make_qkv(batch, 4, 2, 1, 301, 64, 64, torch.float16, layout="bshd")
+    q, k, v = make_qkv(batch, 4, 2, 1, 301, head_dim, head_dim, torch.float16, layout="bshd")
     mask = torch.rand(batch, 301, generator=torch.Generator().manual_seed(3)) > 0.2
     run_decode(q, k, v, causal=True, key_mask=mask.to(DEVICE), num_splits=1)
-    default = decode._decode_meta(64, 64, 2, 2, (False, True, False, False, True, False), "ieee", True)[0]
-    programs = batch * 2
-    wide = ON_GPU and decode._wide_tiles_fit(q.device) and programs <= decode._num_sms(q.device)
-    assert spy.block_n == [decode._WIDE_BLOCK_N if wide else default]
-    if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:
-        assert spy.block_n[0] == (128 if batch == 3 else 64)  # Hopper: 132 SMs, 227 KB per block
+    meta = decode._decode_meta(head_dim, head_dim, 2, 2, (False, True, False, False, True, False), "ieee", True)
+    tile = (meta[0], meta[3])  # (BLOCK_N, num_stages)
+    if ON_GPU and decode._deep_tiles_fit(q.device) and batch * 2 <= decode._num_sms(q.device):
+        deep_constexprs, deep_stages = meta[7]
+        tile = (dict(zip(decode._launch_decode.constexpr_names, deep_constexprs))["BLOCK_N"], deep_stages)
+    assert spy.tiles == [tile]
+    if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:  # Hopper: 132 SMs, 227 KB per block
+        expected = {(3, 64): (128, 3), (3, 128): (64, 3), (70, 64): (64, 3), (70, 128): (64, 2)}
+        assert spy.tiles[0] == expected[batch, head_dim]
 
 
 def test_arrival_counters_grow():
@@ -249,21 +254,16 @@ def test_decode_splits_heuristic():
     # B = 1, Hkv = 8, 8k keys: 2 programs per SM wanted (33), trimmed to 32 splits of 4 blocks
     assert decode_splits(1, 8, 8192, 64, 132) == 32
     assert decode_splits(1, 8, 2048, 64, 132) == 16  # 2 blocks per split allowed
-    # short cache (8-15 key blocks) of 128-byte rows (D = 64, 16-bit): split only while the programs
-    # fill at most half of the SMs
-    assert decode_splits(1, 12, 600, 64, 132, 4, 128) == 5  # GPT-2 at B = 1: 5 splits of 2 blocks
-    assert decode_splits(4, 12, 600, 64, 132, 4, 128) == 5  # 48 programs: min(ceil(264 / 48), 10 // 2)
-    assert decode_splits(1, 8, 512, 64, 132, 4, 128) == 4
-    assert decode_splits(66, 1, 600, 64, 132, 4, 128) == 4  # 66 programs: half of the SMs
-    assert decode_splits(67, 1, 600, 64, 132, 4, 128) == 1  # 67: more than half
-    assert decode_splits(8, 12, 640, 64, 132, 4, 128) == 1  # GPT-2 generate, B = 8: 96 programs
-    # wider rows (D = 128) split short caches while any SM is idle, as longer caches do
-    assert decode_splits(8, 12, 640, 64, 132) == 3  # 96 programs: ceil(264 / 96)
-    assert decode_splits(16, 8, 900, 64, 132) == 3  # 128 programs
-    assert decode_splits(17, 8, 900, 64, 132) == 1  # 136 programs: every SM busy
+    # short cache (8-15 key blocks): split only while the programs fill at most half of the SMs
+    assert decode_splits(1, 12, 600, 64, 132) == 5  # GPT-2 at B = 1: 5 splits of 2 blocks
+    assert decode_splits(4, 12, 600, 64, 132) == 5  # 48 programs: min(ceil(264 / 48), 10 // 2)
+    assert decode_splits(1, 8, 512, 64, 132) == 4
+    assert decode_splits(66, 1, 600, 64, 132) == 4  # 66 programs: half of the SMs
+    assert decode_splits(67, 1, 600, 64, 132) == 1  # 67: more than half
+    assert decode_splits(8, 12, 640, 64, 132) == 1  # GPT-2 generate, B = 8: 96 programs
     # very short cache (< 8 key blocks): one split, no merge
     assert decode_splits(1, 12, 448, 64, 132) == 1
-    assert decode_splits(1, 12, 300, 64, 132, 4, 128) == 1
+    assert decode_splits(1, 12, 300, 64, 132) == 1
     # at least 2 key blocks per split
     assert decode_splits(1, 8, 1024, 64, 132) == 8
     assert decode_splits(1, 1, 64, 64, 132) == 1

@@ -356,37 +356,38 @@ _LONG_SPLIT_BLOCKS = 32  # key blocks per split (2k keys at BLOCK_N = 64) for th
 _MIN_BLOCKS_PER_SPLIT = 2
 _MAX_SPLITS = 64
 _MIN_SPLIT_BLOCKS = 16
-# Short caches (8-15 key blocks). K/V rows of at most 128 bytes (D <= 64 in 16-bit) split only while the
-# programs leave at least half of the SMs idle; GPT-2 shapes (H12, D = 64, 600 keys = 10 blocks), CUDA-graph
-# replays, one split vs the 2-per-SM rule's 5: B = 1 13.8 -> 11.2 us, B = 2 14.9 -> 12.1, B = 4 (48
-# programs) 14.9 -> 13.3; 9:3 GQA (SmolLM2) B = 1 13.5 -> 10.8; from B = 6 (72 programs) every split count
-# lost or tied (B = 8: 15.9 -> 16.3-17.4) and the unsplit launch takes 128-key tiles instead (below). Wider
-# rows split while any SM is idle, as longer caches do: D = 128 bf16, 600-900 keys, one split vs 3-4:
-# 32:8 B = 9 (72 programs) 23.7 -> 18.1-18.9, B = 12 25.4 -> 20.7-21.0, B = 16 (128) 26.6 -> 23.2 and
-# at 900 keys 35.7 -> 29.3-30.0, 32:32 B = 4 (128) 26.3 -> 23.8. Below 8 blocks (300 keys at D = 64)
-# 2 splits lost at B = 1 and 4. (H200, 2026-11-28, decode_timing --sweep; results/2026-11-28_h200_
-# session24_run3_decode_sweep_d64_short.log, ..._run5_decode_sweep_mid.log.)
+# Short caches (8-15 key blocks) split only while the programs leave at least half of the SMs idle; beyond
+# that the launch stays whole and takes the deep tile below. GPT-2 shapes (H12, D = 64, 600 keys = 10
+# blocks), CUDA-graph replays, one split vs the 2-per-SM rule's 5: B = 1 13.8 -> 11.2 us, B = 2 14.9 ->
+# 12.1, B = 4 (48 programs) 14.9 -> 13.3; 9:3 GQA (SmolLM2) B = 1 13.5 -> 10.8; from B = 6 (72 programs)
+# every split count lost or tied (B = 8: 15.9 -> 16.3-17.4). D = 128: 32:32 B = 2 (64 programs), 900 keys,
+# 4-5 splits 21.9 vs 23.1 whole. Below 8 blocks (300 keys at D = 64) 2 splits lost at B = 1 and 4.
+# (H200, 2026-11-28, decode_timing --sweep; results/2026-11-28_h200_session24_run3_decode_sweep_d64_short.log,
+# ..._run5_decode_sweep_mid.log, ..._run8_decode_sweep_d128_stages.log.)
 _SHORT_SPLIT_BLOCKS = 8
-_NARROW_ROW_BYTES = 128
-# Unsplit launches of at most one program per SM with K/V rows of at most 128 bytes take 128-key tiles
-# (3 stages, 96 KB of shared memory at D = 64 bf16): half the loop iterations of a latency-bound chain.
-# GPT-2 (D = 64, H12), graph replays, 64 -> 128 keys: 600 keys B = 6 15.2 -> 13.8 us, B = 8 15.9 -> 14.5,
-# B = 10 16.4 -> 15.2; 1024 keys B = 8 unsplit 21.1 -> 18.1 (cuDNN 12.7 us at B = 8, 600 keys; same logs).
-# Many programs keep 64-key tiles (B = 32, 384 programs: 27.7 vs 28.7 us with 128).
-_WIDE_BLOCK_N = 128
-_WIDE_MIN_SMEM = 128 * 1024  # bytes of shared memory per block the device must allow for the wide tile
+# Whole (unsplit) launches of at most one program per SM: a deeper tile, 96 KB of K/V in flight per
+# program for a latency-bound chain. K/V rows of at most 128 bytes (D <= 64 in 16-bit): 128-key tiles,
+# half the loop iterations; GPT-2 (D = 64, H12), graph replays, 64 -> 128 keys: 600 keys B = 6 15.2 ->
+# 13.8 us, B = 8 15.9 -> 14.5, B = 10 16.4 -> 15.2; 1024 keys B = 8 21.1 -> 18.1. Rows of 129-256 bytes
+# (D = 128): 3 stages instead of 2, against the splits the old rule took: 32:32 B = 4 (128 programs),
+# 600 keys 23.8 -> 22.1, 32:8 B = 16 600 keys 23.2 -> 22.2, 900 keys 29.9 -> 28.7, B = 12 (96) 21.1 ->
+# 20.2; 32:8 B = 9 (72) 18.2 -> 18.6 (...run7_decode_sweep_d128_tiles.log, ...run8_*). Many programs
+# keep the shallow tile (B = 32 at D = 64, 384 programs: 27.7 vs 28.7 us with 128 keys). cuDNN at
+# these rows: 12.7-13.9 us (D = 64, B = 6-10), 20.5 (32:32 B = 4), 27.4 (32:8 B = 16, 900 keys).
+_DEEP_BLOCK_N = 128  # rows <= 128 bytes
+_DEEP_STAGES = 3  # rows of 129-256 bytes
+_DEEP_MIN_SMEM = 128 * 1024  # bytes of shared memory per block the device must allow for a deep tile
 
 
 def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sms: int,
-                  long_programs_per_sm: int = _LONG_PROGRAMS_PER_SM, row_bytes: int = 256) -> int:
+                  long_programs_per_sm: int = _LONG_PROGRAMS_PER_SM) -> int:
     """Number of key splits for a decode launch of ``batch * kv_heads`` (sequence, KV head) programs.
 
     - A very short cache (fewer than ``_SHORT_SPLIT_BLOCKS`` = 8 key blocks, 512 keys at
       BLOCK_N = 64: a few microseconds of GPU work, where the workspace and the merge cost about what
       the split saves): 1.
-    - A short cache (8 to 15 blocks) of K/V rows of at most 128 bytes (``row_bytes``; D <= 64 in
-      16-bit): 1 when the programs occupy more than half of the SMs (that launch takes 128-key tiles,
-      see ``flash_decode``), else the 2-programs-per-SM rule below. Wider rows: the rule below.
+    - A short cache (8 to 15 blocks): 1 when the programs occupy more than half of the SMs (such a
+      launch takes the deep tile, see ``flash_decode``), else the 2-programs-per-SM rule below.
     - A long cache (bandwidth-bound): as many splits as fill every SM with
       ``long_programs_per_sm`` (4; 0 turns this rule off) resident programs,
       ``floor(4 * num_sms / programs)`` (more would start a second wave), if that is at least 2 and
@@ -399,15 +400,14 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
       (blocks spread evenly).
     ``batch`` may already include the row blocks of a large GQA group (they are programs too).
     Examples (H100 / H200, 132 SMs, BLOCK_N = 64): GPT-2 (Hkv = 12, D = 64), 600 keys -> 10 blocks:
-    5 splits of 2 blocks at B = 1 (12 programs), 1 at B = 8 (96); at D = 128, 3 at B = 8.
+    5 splits of 2 blocks at B = 1 (12 programs), 1 at B = 8 (96).
     B = 1, Hkv = 8, 8k keys -> 128 blocks; the long
     rule's 64 splits would leave 2 blocks each, so 33 are wanted, trimmed to 32 splits of 4 blocks:
     256 programs. B = 1, Hkv = 32, 131k keys -> 16 splits of 128 blocks: 512 programs.
     """
     programs = max(1, batch * kv_heads)
     n_blocks = (max(seqlen_k, 0) + block_n - 1) // block_n
-    if n_blocks < _SHORT_SPLIT_BLOCKS or (n_blocks < _MIN_SPLIT_BLOCKS and row_bytes <= _NARROW_ROW_BYTES
-                                          and 2 * programs > num_sms):
+    if n_blocks < _SHORT_SPLIT_BLOCKS or (n_blocks < _MIN_SPLIT_BLOCKS and 2 * programs > num_sms):
         return 1
     splits = min(long_programs_per_sm * num_sms // programs, _MAX_SPLITS)
     if splits < 2 or n_blocks // splits < _LONG_SPLIT_BLOCKS:
@@ -423,9 +423,9 @@ def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flag
                  dot_precision: str, store_lse: bool) -> tuple:
     """Per feature combination, computed once: (BLOCK_N, row blocks, num_warps, num_stages,
     kernel constexprs for num_splits > 1, the same for num_splits == 1, the resident programs per SM
-    that ``decode_splits``' long-cache rule may aim at (0: rule off), bytes per K/V tile row, the
-    num_splits == 1 constexprs with ``_WIDE_BLOCK_N``-key tiles (None where rows are wider than 128
-    bytes, and in the interpreter)).
+    that ``decode_splits``' long-cache rule may aim at (0: rule off), and the deep tile of whole
+    launches of at most one program per SM as (num_splits == 1 constexprs, num_stages), None where
+    K/V rows are wider than 256 bytes and in the interpreter).
     ``store_lse``: whether the caller wants the LSE (the partial LSEs of several splits are
     always written: the merge reads them).
 
@@ -457,13 +457,15 @@ def _decode_meta(head_dim: int, head_dim_v: int, elem_size: int, rows: int, flag
     merge_s = 2 if INTERPRETED else max(1, min(_MAX_SPLITS, 8192 // (merge_m * block_dv)))
     split = {**values, "SPLIT": True, "STORE_LSE": store_lse, "MERGE_M": merge_m, "MERGE_S": merge_s}
     single = {**values, "SPLIT": False, "STORE_LSE": store_lse, "MERGE_M": 1, "MERGE_S": 1}
-    wide = None
-    if width <= _NARROW_ROW_BYTES and not INTERPRETED:
-        wide = tuple(_WIDE_BLOCK_N if n == "BLOCK_N" else single[n] for n in _launch_decode.constexpr_names)
+    deep = None
+    if width <= 256 and not INTERPRETED:
+        deep_n = _DEEP_BLOCK_N if width <= 128 else block_n
+        deep = (tuple(deep_n if n == "BLOCK_N" else single[n] for n in _launch_decode.constexpr_names),
+                stages if width <= 128 else _DEEP_STAGES)
     return (block_n, triton.cdiv(max(rows, 1), block_m), warps, stages,
             tuple(split[n] for n in _launch_decode.constexpr_names),
             tuple(single[n] for n in _launch_decode.constexpr_names),
-            _LONG_PROGRAMS_PER_SM if width <= 256 else 0, width, wide)
+            _LONG_PROGRAMS_PER_SM if width <= 256 else 0, deep)
 
 
 _FLAG_NAMES = ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_KEY_MASK", "HAS_SEQUSED_K")
@@ -478,12 +480,12 @@ def _num_sms(device) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _wide_tiles_fit(device) -> bool:
-    """Whether a block may use the shared memory of the 128-key tiles (not on GPUs with ~100 KB)."""
+def _deep_tiles_fit(device) -> bool:
+    """Whether a block may use the shared memory of the deep tiles (not on GPUs with ~100 KB)."""
     if device.type != "cuda":
         return False
     props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0) >= _WIDE_MIN_SMEM
+    return getattr(props, "shared_memory_per_block_optin", 0) >= _DEEP_MIN_SMEM
 
 
 def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int, max_seqlen_k: int,
@@ -509,20 +511,20 @@ def flash_decode(q, k, v, o, lse, key_mask, seqused_k, alibi, max_seqlen_q: int,
     flags = (window_left >= 0, window_right >= 0, softcap > 0, alibi is not None, key_mask is not None,
              seqused_k is not None)
     store_lse = lse is not None
-    block_n, row_blocks, warps, stages, cx_split, cx_single, long_per_sm, row_bytes, cx_wide = _decode_meta(
+    block_n, row_blocks, warps, stages, cx_split, cx_single, long_per_sm, deep = _decode_meta(
         head_dim, head_dim_v, q.element_size(), kv_group * max_seqlen_q, flags, dot_precision, store_lse)
     num_sms = _num_sms(q.device)
     if num_splits is None:
         num_splits = decode_splits(num_seqs * row_blocks, num_kv_heads, max_seqlen_k, block_n, num_sms,
-                                   long_per_sm, row_bytes)
+                                   long_per_sm)
     dummy = o  # pointer for absent tensors (never read or written)
     lse_st = lse.stride() if store_lse else (0, 0, 0)
     if num_splits == 1:
         workspace = counters = dummy
         lse_part_offset = 0
-        if (cx_wide is not None and num_seqs * num_kv_heads * row_blocks <= num_sms
-                and max_seqlen_k > block_n and _wide_tiles_fit(q.device)):
-            cx_single = cx_wide  # at most one program per SM: half the loop iterations (_WIDE_BLOCK_N)
+        if (deep is not None and num_seqs * num_kv_heads * row_blocks <= num_sms and max_seqlen_k > block_n
+                and _deep_tiles_fit(q.device)):
+            cx_single, stages = deep  # at most one program per SM: more K/V in flight each
     else:
         rows = num_seqs * num_heads * max_seqlen_q
         lse_part_offset = rows * num_splits * head_dim_v
