@@ -399,11 +399,10 @@ def decode_splits(batch: int, kv_heads: int, seqlen_k: int, block_n: int, num_sm
     - At most ``_MAX_SPLITS`` (64); the count is then trimmed so no split is empty at ``seqlen_k``
       (blocks spread evenly).
     ``batch`` may already include the row blocks of a large GQA group (they are programs too).
-    Examples (H100 / H200, 132 SMs, BLOCK_N = 64): GPT-2 (Hkv = 12, D = 64), 600 keys -> 10 blocks:
-    5 splits of 2 blocks at B = 1 (12 programs), 1 at B = 8 (96).
-    B = 1, Hkv = 8, 8k keys -> 128 blocks; the long
-    rule's 64 splits would leave 2 blocks each, so 33 are wanted, trimmed to 32 splits of 4 blocks:
-    256 programs. B = 1, Hkv = 32, 131k keys -> 16 splits of 128 blocks: 512 programs.
+    Examples (H100 / H200, 132 SMs, BLOCK_N = 64): GPT-2 (Hkv = 12), 600 keys -> 10 blocks: 5 splits
+    of 2 blocks at B = 1 (12 programs), 1 at B = 8 (96 programs). B = 1, Hkv = 8, 8k keys -> 128
+    blocks; the long rule's 64 splits would leave 2 blocks each, so 33 are wanted, trimmed to 32 splits
+    of 4 blocks: 256 programs. B = 1, Hkv = 32, 131k keys -> 16 splits of 128 blocks: 512 programs.
     """
     programs = max(1, batch * kv_heads)
     n_blocks = (max(seqlen_k, 0) + block_n - 1) // block_n
