@@ -103,24 +103,31 @@ def spy_on(monkeypatch, module, name: str = "flash_attention") -> list:
 
 
 class _LaunchCounter:
-    """Stands in for a ``CachedLauncher``: records each launch's grid, then launches."""
+    """Stands in for a ``CachedLauncher``: records each launch's grid and its other arguments
+    ``(args, constexprs, num_warps, num_stages)``, then launches."""
 
     def __init__(self, real) -> None:
-        self.real, self.grids = real, []
+        self.real, self.grids, self.calls = real, [], []
 
     def __call__(self, grid, *args):
         self.grids.append(grid)
+        self.calls.append(args)
         return self.real(grid, *args)
 
     def __getattr__(self, name):
         return getattr(self.real, name)
 
 
-def count_launches(monkeypatch, module, name: str) -> list:
-    """Replace the launcher ``module.<name>`` by a counting one; returns the list of launch grids."""
+def record_launches(monkeypatch, module, name: str) -> _LaunchCounter:
+    """Replace the launcher ``module.<name>`` by a recording one and return it (``.grids``, ``.calls``)."""
     counter = _LaunchCounter(getattr(module, name))
     monkeypatch.setattr(module, name, counter)
-    return counter.grids
+    return counter
+
+
+def count_launches(monkeypatch, module, name: str) -> list:
+    """Replace the launcher ``module.<name>`` by a counting one; returns the list of launch grids."""
+    return record_launches(monkeypatch, module, name).grids
 
 
 def stored_output_allowance(q, k, v, kw, out, ora, dout, dot_rounding: bool = False) -> dict:

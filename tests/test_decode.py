@@ -9,7 +9,7 @@ import torch
 from hf_triton_attn.kernels.decode import decode_splits, flash_decode
 from hf_triton_attn.reference import attention_reference
 
-from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, count_launches, make_qkv, max_err
+from .helpers import BACKEND, DEVICE, ON_GPU, assert_pass_rule, count_launches, make_qkv, max_err, record_launches
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
@@ -185,20 +185,6 @@ def test_one_launch_counters_left_zero(monkeypatch):
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
 
-class _TileSpy:
-    """Stands in for ``decode._launch_decode``: records each launch's (BLOCK_N, num_stages), then launches."""
-
-    def __init__(self, real) -> None:
-        self.real, self.tiles = real, []
-
-    def __call__(self, grid, args, constexprs, num_warps, num_stages):
-        self.tiles.append((dict(zip(self.real.constexpr_names, constexprs))["BLOCK_N"], num_stages))
-        return self.real(grid, args, constexprs, num_warps, num_stages)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("batch", [3, pytest.param(70, marks=pytest.mark.skipif(not ON_GPU, reason="GPU-sized"))])
 def test_whole_launch_deep_tiles(batch, head_dim, monkeypatch):
@@ -208,20 +194,21 @@ def test_whole_launch_deep_tiles(batch, head_dim, monkeypatch):
     a tile."""
     from hf_triton_attn.kernels import decode
 
-    spy = _TileSpy(decode._launch_decode)
-    monkeypatch.setattr(decode, "_launch_decode", spy)
+    launches = record_launches(monkeypatch, decode, "_launch_decode")
     q, k, v = make_qkv(batch, 4, 2, 1, 301, head_dim, head_dim, torch.float16, layout="bshd")
     mask = torch.rand(batch, 301, generator=torch.Generator().manual_seed(3)) > 0.2
     run_decode(q, k, v, causal=True, key_mask=mask.to(DEVICE), num_splits=1)
+    names = decode._launch_decode.constexpr_names
+    tiles = [(dict(zip(names, constexprs))["BLOCK_N"], stages) for _, constexprs, _, stages in launches.calls]
     meta = decode._decode_meta(head_dim, head_dim, 2, 2, (False, True, False, False, True, False), "ieee", True)
     tile = (meta[0], meta[3])  # (BLOCK_N, num_stages)
     if ON_GPU and decode._deep_tiles_fit(q.device) and batch * 2 <= decode._num_sms(q.device):
         deep_constexprs, deep_stages = meta[7]
-        tile = (dict(zip(decode._launch_decode.constexpr_names, deep_constexprs))["BLOCK_N"], deep_stages)
-    assert spy.tiles == [tile]
+        tile = (dict(zip(names, deep_constexprs))["BLOCK_N"], deep_stages)
+    assert tiles == [tile]
     if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:  # Hopper: 132 SMs, 227 KB per block
         expected = {(3, 64): (128, 3), (3, 128): (64, 3), (70, 64): (64, 3), (70, 128): (64, 2)}
-        assert spy.tiles[0] == expected[batch, head_dim]
+        assert tiles[0] == expected[batch, head_dim]
 
 
 def test_arrival_counters_grow():
